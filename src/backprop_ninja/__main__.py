@@ -1,0 +1,5 @@
+import sys
+
+from backprop_ninja.cli import main
+
+sys.exit(main())

@@ -1,0 +1,229 @@
+"""Word list -> vocabulary -> context windows -> train/val/test splits.
+
+Exactly the data pipeline of the makemore lectures (`build_dataset`, `random.seed(42)`, 80/10/10),
+with one correction: the start/end token is index 0 and is *not* a character of the data, so a
+'.' inside a word (e.g. "st. john") stays an ordinary character.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from backprop_ninja.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# the default data set: names.txt of the makemore repository
+
+NAMES_FILE = "names.txt"
+NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
+NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
+DATA_ENV = "BACKPROP_NINJA_DATA"  # a folder that holds names.txt
+URL_ENV = "BACKPROP_NINJA_DATA_URL"  # where to download it from (tests point it at 127.0.0.1)
+DOWNLOAD_TIMEOUT_S = 30
+
+SPLIT_SEED = 42  # random.seed(42); random.shuffle(words), as in the lectures
+SPLIT_FRACTIONS = (0.8, 0.9)  # train [0, 0.8), val [0.8, 0.9), test [0.9, 1)
+
+
+def cache_dir() -> Path:
+    """The user cache directory, e.g. ~/.cache/backprop-ninja on Linux."""
+    from platformdirs import user_cache_path
+
+    return user_cache_path("backprop-ninja")
+
+
+def resolve_names() -> Path:
+    """Find names.txt: $BACKPROP_NINJA_DATA, then the user cache, then one verified download."""
+    env_dir = os.environ.get(DATA_ENV)
+    if env_dir:
+        candidate = Path(env_dir) / NAMES_FILE
+        if candidate.is_file():
+            return candidate
+    cached = cache_dir() / NAMES_FILE
+    if cached.is_file() and _sha256(cached) == NAMES_SHA256:
+        return cached
+    return download_names(cached)
+
+
+def download_names(dest: Path, url: str | None = None) -> Path:
+    """Download names.txt to `dest` once, verify its sha256, and move it in place atomically."""
+    url = url or os.environ.get(URL_ENV) or NAMES_URL
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            payload = response.read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(
+            f"cannot download the names data set from {url} ({reason}); "
+            f"offline? pass a word list with --input FILE, or set {DATA_ENV} to a folder holding {NAMES_FILE}"
+        ) from None
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != NAMES_SHA256:
+        raise UserError(
+            f"downloaded {url} but its sha256 is {digest}, expected {NAMES_SHA256}; refusing to use it"
+        )
+    _atomic_write_bytes(dest, payload)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _atomic_write_bytes(dest: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# word list
+
+
+def read_words(path: str | os.PathLike) -> list[str]:
+    """One item per line, UTF-8; surrounding whitespace stripped, blank lines skipped, CRLF accepted."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a word list") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    if b"\x00" in raw:
+        raise UserError(f"{path}: not a text file (it contains NUL bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {err.start})") from None
+    words = [line.strip() for line in text.splitlines()]
+    words = [w for w in words if w]
+    if not words:
+        what = "empty" if not text.strip() else "blank"
+        raise UserError(f"{path}: the word list is {what}: it has no words")
+    return words
+
+
+# ---------------------------------------------------------------------------------------------
+# vocabulary
+
+END_TOKEN = 0  # starts every context and ends every word; not a character of the data
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The sorted characters of the data; index 0 is the start/end token, characters are 1..len."""
+
+    chars: tuple[str, ...]
+
+    @classmethod
+    def from_words(cls, words: list[str]) -> "Vocabulary":
+        return cls(tuple(sorted(set("".join(words)))))
+
+    @property
+    def size(self) -> int:
+        return len(self.chars) + 1
+
+    @property
+    def stoi(self) -> dict[str, int]:
+        return {ch: i + 1 for i, ch in enumerate(self.chars)}
+
+    def encode(self, word: str) -> list[int]:
+        stoi = self.stoi
+        try:
+            return [stoi[ch] for ch in word]
+        except KeyError as err:
+            raise UserError(f"character {err.args[0]!r} of {word!r} is not in the vocabulary") from None
+
+    def decode(self, ids) -> str:
+        """Token ids -> text; the end token (and anything after it) is not printed."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == END_TOKEN:
+                break
+            out.append(self.chars[i - 1])
+        return "".join(out)
+
+    def display(self, i: int) -> str:
+        """How the lecture prints one token: '.' for the end token."""
+        return "." if i == END_TOKEN else self.chars[i - 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# context windows and splits
+
+
+class Split(NamedTuple):
+    X: torch.Tensor  # (N, block_size) int64 contexts
+    Y: torch.Tensor  # (N,) int64 next-character targets
+
+
+class Dataset(NamedTuple):
+    vocab: Vocabulary
+    block_size: int
+    words: dict[str, list[str]]  # 'train' / 'val' / 'test' -> the words of that split
+    train: Split
+    val: Split
+    test: Split
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def build_dataset(words: list[str], vocab: Vocabulary, block_size: int) -> Split:
+    """Every (context, next character) pair of every word, as the lecture's build_dataset."""
+    X, Y = [], []
+    for w in words:
+        context = [END_TOKEN] * block_size
+        for ix in vocab.encode(w) + [END_TOKEN]:
+            X.append(context)
+            Y.append(ix)
+            context = context[1:] + [ix]  # crop and append
+    X = torch.tensor(X, dtype=torch.long).view(-1, block_size)  # (N, block_size)
+    Y = torch.tensor(Y, dtype=torch.long)  # (N,)
+    return Split(X, Y)
+
+
+def split_words(words: list[str], seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+    """Shuffle a copy with random.seed(seed) and cut 80/10/10, as the lecture does."""
+    words = list(words)
+    rng = random.Random(seed)  # same stream as random.seed(42); random.shuffle(words)
+    rng.shuffle(words)
+    n1 = int(SPLIT_FRACTIONS[0] * len(words))
+    n2 = int(SPLIT_FRACTIONS[1] * len(words))
+    return {"train": words[:n1], "val": words[n1:n2], "test": words[n2:]}
+
+
+def load_dataset(
+    input_path: str | os.PathLike | None = None,
+    block_size: int = 3,
+    vocab: Vocabulary | None = None,
+) -> Dataset:
+    """Read a word list (default: names.txt), build its vocabulary and its three splits.
+
+    Pass `vocab` (e.g. from a checkpoint) to encode with a fixed vocabulary instead of the data's.
+    """
+    path = Path(input_path) if input_path is not None else resolve_names()
+    words = read_words(path)
+    vocab = vocab or Vocabulary.from_words(words)
+    splits = split_words(words)
+    built = {name: build_dataset(ws, vocab, block_size) for name, ws in splits.items()}
+    return Dataset(vocab, block_size, splits, built["train"], built["val"], built["test"])
