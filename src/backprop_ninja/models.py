@@ -116,17 +116,34 @@ def build_mlp(config: ModelConfig, g: torch.Generator) -> Model:
     return Model(config, net)
 
 
-MODELS: dict[str, Callable[[ModelConfig, torch.Generator], Model]] = {
-    "mlp": build_mlp,
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model of the registry: how to build it, its default shape and its training recipe."""
+
+    build: Callable[[ModelConfig, torch.Generator], Model]
+    block_size: int
+    n_embd: int
+    n_hidden: int
+    steps: int  # default number of training steps
+    decay_at: float  # fraction of the steps after which lr drops to lr/10
+    summary: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(build_mlp, block_size=3, n_embd=10, n_hidden=200, steps=200_000, decay_at=0.5,
+                     summary="makemore part 4: embedding, Linear, BatchNorm, tanh, Linear"),
 }
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(MODELS))
+        raise UserError(f"unknown model {name!r}; known models: {known}") from None
 
 
 def build_model(config: ModelConfig, g: torch.Generator) -> Model:
     """Build `config.model`, drawing its initial values from g (which the caller may go on using,
     as the lecture does, to draw the batches)."""
-    try:
-        builder = MODELS[config.model]
-    except KeyError:
-        known = ", ".join(sorted(MODELS))
-        raise UserError(f"unknown model {config.model!r}; known models: {known}") from None
-    return builder(config, g)
+    return get_spec(config.model).build(config, g)
