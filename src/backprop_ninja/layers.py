@@ -13,6 +13,7 @@ never accumulated. Sequential.backward runs the layers in reverse and merges the
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -191,6 +192,27 @@ class Sequential(Layer):
             dout = layer.backward(dout)
             self.grads.update(layer.grads)
         return dout
+
+    @contextmanager
+    def substituted(self, params: dict[str, Tensor]) -> Iterator["Sequential"]:
+        """Run the layers on other parameter tensors (e.g. autograd leaves), then put them back.
+
+        BatchNorm buffers are restored too, so a reference pass leaves the model as it was.
+        """
+        saved_buffers = {k: v.clone() for k, v in self.buffers.items()}
+        originals = {}
+        for layer in self.layers:
+            for name in layer.params:
+                originals[name] = layer.params[name]
+                layer.params[name] = params[name]
+        try:
+            yield self
+        finally:
+            for layer in self.layers:
+                for name in layer.params:
+                    layer.params[name] = originals[name]
+            for k, v in self.buffers.items():
+                v.copy_(saved_buffers[k])
 
     def calibrate(self, x: Tensor) -> None:
         """Pass x through in eval mode, setting every BatchNorm's buffers to the statistics it sees."""

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+import torch.nn.functional as F
+
 from backprop_ninja import ops
 from backprop_ninja.errors import UserError
 from backprop_ninja.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Sequential, Tanh
@@ -63,6 +65,19 @@ class Model:
         loss, ce_cache = ops.cross_entropy_forward(logits, Y)  # ()
         self.net.backward(ops.cross_entropy_backward(ce_cache))
         return loss, self.net.grads
+
+    def autograd_loss_and_grads(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The reference: the same forward pass, differentiated by torch autograd.
+
+        Runs on detached copies of the parameters, so the model (parameters and BatchNorm
+        buffers) is left exactly as it was.
+        """
+        leaves = {k: p.detach().clone().requires_grad_(True) for k, p in self.params.items()}
+        with torch.enable_grad(), self.net.substituted(leaves):
+            self.net.train(True)
+            loss = F.cross_entropy(self.net.forward(X), Y)  # ()
+            loss.backward()
+        return loss.detach(), {k: leaf.grad for k, leaf in leaves.items()}
 
     @torch.no_grad()
     def logits(self, X: Tensor) -> Tensor:
