@@ -6,8 +6,9 @@ its buffers (BatchNorm statistics) and the cache of its last forward pass:
     y = layer.forward(x)        # remembers what its backward needs
     dx = layer.backward(dy)     # returns dx, and sets layer.grads = {param name: gradient}
 
-Gradient policy: as in `ops`, every backward returns fresh tensors and `layer.grads` is replaced,
-never accumulated. Sequential.backward runs the layers in reverse and merges their grads.
+Gradient policy: the one of `ops` (fresh tensors, never accumulated). Each backward *replaces*
+layer.grads, so one forward/backward pair gives exactly one step's gradients with no zero_grad().
+Sequential.backward runs the layers' backwards in reverse order and merges their grads.
 """
 
 from __future__ import annotations
@@ -131,9 +132,12 @@ class BatchNorm1d(Layer):
             mean, var = self.buffers[self.mean_name], self.buffers[self.var_name]
             return ops.batchnorm_inference(x, gain, bias, mean, var, self.eps)  # (B, H)
         out, self.cache, stats = ops.batchnorm_forward(x, gain, bias, self.eps)  # (B, H)
-        with torch.no_grad():
-            self.buffers[self.mean_name].lerp_(stats.mean.reshape(gain.shape), self.momentum)
-            self.buffers[self.var_name].lerp_(stats.var.reshape(gain.shape), self.momentum)
+        with torch.no_grad():  # in place: the model's buffers dict holds these very tensors
+            for name, batch_stat in ((self.mean_name, stats.mean), (self.var_name, stats.var)):
+                running = self.buffers[name]  # shaped like gain
+                # the lectures' update, term for term (lerp_ would round differently)
+                batch_stat = batch_stat.reshape(running.shape)
+                running.copy_((1 - self.momentum) * running + self.momentum * batch_stat)
         return out
 
     def calibrate(self, x: Tensor) -> None:
@@ -181,16 +185,28 @@ class Sequential(Layer):
             layer.training = mode
         return self
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, outs: list[Tensor] | None = None) -> Tensor:
+        """Apply the layers in order; if `outs` is given, append each layer's output to it."""
         for layer in self.layers:
             x = layer.forward(x)
+            if outs is not None:
+                outs.append(x)
         return x
 
-    def backward(self, dout: Tensor) -> Tensor | None:
+    def backward(self, dout: Tensor, douts: list[Tensor] | None = None) -> Tensor | None:
+        """Apply the layers' backwards in reverse order; self.grads := every parameter's gradient.
+
+        If `douts` is given it is filled, in forward order, with the gradient of each layer's
+        output: douts[i] = dloss/d(output of layer i), the hand-written side of `check --model`.
+        """
         self.grads = {}
+        received = []  # gradient of each layer's output, last layer first
         for layer in reversed(self.layers):
+            received.append(dout)
             dout = layer.backward(dout)
             self.grads.update(layer.grads)
+        if douts is not None:
+            douts[:] = received[::-1]
         return dout
 
     @contextmanager

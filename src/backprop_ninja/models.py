@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from backprop_ninja import ops
 from backprop_ninja.errors import UserError
-from backprop_ninja.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Sequential, Tanh
+from backprop_ninja.layers import BatchNorm1d, Embedding, FlattenConsecutive, Layer, Linear, Sequential, Tanh
 
 LECTURE_SEED = 2147483647  # torch.Generator().manual_seed(2147483647), as in every makemore lecture
 
@@ -131,6 +131,96 @@ def build_mlp(config: ModelConfig, g: torch.Generator) -> Model:
     return Model(config, net)
 
 
+# ---------------------------------------------------------------------------------------------
+# --model deep-mlp: the deep network of makemore part 3
+
+TANH_GAIN = 5 / 3  # torch.nn.init.calculate_gain("tanh"): keeps activations' std steady through tanh
+DEEP_MLP_BLOCKS = 5  # hidden Linear + BatchNorm + tanh blocks
+BATCHNORM_MOMENTUM = 0.1  # the BatchNorm1d of makemore parts 3 and 5
+
+
+def build_deep_mlp(config: ModelConfig, g: torch.Generator) -> Model:
+    """makemore part 3: embedding, five Linear -> BatchNorm -> tanh blocks, Linear -> BatchNorm.
+
+    Kaiming initialisation, randn / sqrt(fan_in) times the tanh gain 5/3, with no Linear bias
+    (the BatchNorm after each Linear subtracts any bias right away; its own beta is the bias).
+    The output layer is the lecture's too: a Linear followed by a BatchNorm whose gain starts at 0.1,
+    so the first logits are small and the first loss is close to -log(1/V) rather than huge.
+    The lecture's last cell leaves the gain at 1.0 as an experiment ("weight *= 1.0 #5/3"): with a
+    BatchNorm after each Linear the forward pass does not depend on the weights' scale, which only
+    sets their update:data ratio (`diagnostics`); we keep the 5/3 it teaches.
+
+    Draws C, then W1..W6 in order from g. Names: C, W{i}, bngain{i}, bnbias{i} (buffers bnmean{i},
+    bnvar{i}) for i = 1..6, the sixth being the output layer.
+    """
+    V, T, E, H = config.vocab_size, config.block_size, config.n_embd, config.n_hidden
+    C = torch.randn((V, E), generator=g)  # (V, E)
+    layers: list[Layer] = [Embedding(C, name="C"), FlattenConsecutive(T)]  # (B, T*E)
+    widths = [T * E] + [H] * DEEP_MLP_BLOCKS + [V]  # fan-in and fan-out of the six Linears
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+        is_output = i == len(widths) - 1
+        gain = 1.0 if is_output else TANH_GAIN  # no tanh after the output layer
+        W = torch.randn((fan_in, fan_out), generator=g) * gain / fan_in**0.5  # (F, H)
+        bngain = torch.full((fan_out,), 0.1 if is_output else 1.0)  # (H,) output: less confident
+        layers += [
+            Linear(W, None, names=(f"W{i}", f"b{i}")),
+            BatchNorm1d(bngain, torch.zeros(fan_out), names=(f"bngain{i}", f"bnbias{i}"),
+                        buffer_names=(f"bnmean{i}", f"bnvar{i}"), momentum=BATCHNORM_MOMENTUM),
+        ]
+        if not is_output:
+            layers.append(Tanh())
+    return Model(config, Sequential(layers))
+
+
+# ---------------------------------------------------------------------------------------------
+# --model wavenet: the hierarchical network of makemore part 5
+
+
+def wavenet_levels(block_size: int) -> int:
+    """How many FlattenConsecutive(2) levels fuse `block_size` positions into one: log2(block_size)."""
+    if block_size < 2 or block_size & (block_size - 1):
+        raise UserError(
+            f"wavenet fuses pairs of positions level by level, so --block-size must be a power of two "
+            f">= 2 (8 gives the lecture's three levels), got {block_size}"
+        )
+    return block_size.bit_length() - 1
+
+
+def build_wavenet(config: ModelConfig, g: torch.Generator) -> Model:
+    """makemore part 5: embedding, then per level FlattenConsecutive(2) -> Linear -> BatchNorm -> tanh,
+    then Linear to the logits.
+
+    Each level concatenates pairs of neighbouring positions, (B, T, E) -> (B, T/2, 2E), so
+    log2(block_size) levels (three at the default 8) fuse the context into one vector. Until the
+    last level the tensors are 3-D and BatchNorm takes its statistics over batch and positions.
+    Initialisation as in the lecture: randn / sqrt(fan_in) without gain, no bias before a
+    BatchNorm, and the last layer's weights scaled by 0.1 so the first predictions are nearly
+    uniform. 76,579 parameters at the defaults (vocabulary 27, n_embd 24, n_hidden 128).
+
+    Draws C, then W1, W2, ... in order from g. Names: C, W{i}, bngain{i}, bnbias{i} (buffers
+    bnmean{i}, bnvar{i}) per level i, then the output layer's W{L+1}, b{L+1}.
+    """
+    V, T, E, H = config.vocab_size, config.block_size, config.n_embd, config.n_hidden
+    levels = wavenet_levels(T)
+    C = torch.randn((V, E), generator=g)  # (V, E)
+    layers: list[Layer] = [Embedding(C, name="C")]  # (B, T, E)
+    width = E  # features per position entering the level
+    for i in range(1, levels + 1):
+        W = torch.randn((2 * width, H), generator=g) / (2 * width) ** 0.5  # (2*width, H)
+        layers += [
+            FlattenConsecutive(2),  # (B, T/2**i, 2*width), squeezed to (B, 2*width) at the last level
+            Linear(W, None, names=(f"W{i}", f"b{i}")),
+            BatchNorm1d(torch.ones(H), torch.zeros(H), names=(f"bngain{i}", f"bnbias{i}"),
+                        buffer_names=(f"bnmean{i}", f"bnvar{i}"), momentum=BATCHNORM_MOMENTUM),
+            Tanh(),
+        ]
+        width = H
+    out = levels + 1
+    W_out = torch.randn((H, V), generator=g) / H**0.5 * 0.1  # (H, V) less confident at first
+    layers.append(Linear(W_out, torch.zeros(V), names=(f"W{out}", f"b{out}")))  # (B, V)
+    return Model(config, Sequential(layers))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A model of the registry: how to build it, its default shape and its training recipe."""
@@ -147,6 +237,10 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(build_mlp, block_size=3, n_embd=10, n_hidden=200, steps=200_000, decay_at=0.5,
                      summary="makemore part 4: embedding, Linear, BatchNorm, tanh, Linear"),
+    "deep-mlp": ModelSpec(build_deep_mlp, block_size=3, n_embd=10, n_hidden=100, steps=200_000, decay_at=0.75,
+                          summary="makemore part 3: embedding, 5 x (Linear, BatchNorm, tanh), Linear, BatchNorm"),
+    "wavenet": ModelSpec(build_wavenet, block_size=8, n_embd=24, n_hidden=128, steps=200_000, decay_at=0.75,
+                         summary="makemore part 5: embedding, 3 x (flatten pairs, Linear, BatchNorm, tanh), Linear"),
 }
 
 

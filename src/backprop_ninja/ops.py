@@ -65,10 +65,17 @@ class FlattenCache(NamedTuple):
 
 
 def flatten_consecutive_forward(x: Tensor, k: int) -> tuple[Tensor, FlattenCache]:
+    """Concatenate each run of k consecutive position vectors: (B, T, E) -> (B, T/k, k*E).
+
+    When one group is left (k == T) the position axis is dropped, (B, T*E), as in makemore part 5,
+    so that what follows is an ordinary 2-D Linear/BatchNorm.
+    """
     B, T, E = x.shape
+    if k < 1 or T % k:
+        raise ValueError(f"cannot flatten {T} positions in groups of {k}")
     out = x.reshape(B, T // k, k * E)  # (B, T/k, k*E)
-    if out.shape[1] == 1:
-        out = out.squeeze(1)  # (B, k*E): a flat vector per example, as in makemore part 5
+    if T == k:
+        out = out.squeeze(1)  # (B, k*E)
     return out, FlattenCache(x.shape)
 
 
@@ -141,23 +148,29 @@ def tanh_backward(dout: Tensor, cache: TanhCache) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # batchnorm, training mode: out = gain * (x - mean) / sqrt(var + eps) + bias
+#
+# x is (B, H), or (B, T, H) in the wavenet where every position of every example is one more
+# sample of each feature: the statistics are then taken over dims (0, 1), as in makemore part 5.
+# Below, (1, H) stands for (1, 1, H) with 3-D inputs, and (B, H) for (B, T, H).
 
 
 def batchnorm_dims(x: Tensor) -> tuple[int, ...]:
     """Dimensions the statistics are taken over: the batch, and for 3-D inputs the positions too."""
+    if x.ndim not in (2, 3):
+        raise ValueError(f"BatchNorm1d takes (B, H) or (B, T, H) inputs, got shape {tuple(x.shape)}")
     return (0,) if x.ndim == 2 else (0, 1)
 
 
 class BatchNormCache(NamedTuple):
-    xhat: Tensor  # (B, H) or (B, T, H) the normalised input, the lecture's bnraw
-    var_inv: Tensor  # (1, H) or (1, 1, H) 1/sqrt(var + eps), the lecture's bnvar_inv
+    xhat: Tensor  # (B, H) the normalised input, the lecture's bnraw
+    var_inv: Tensor  # (1, H) 1/sqrt(var + eps), the lecture's bnvar_inv
     gain: Tensor  # (H,) or (1, H), the lecture's bngain
     dims: tuple[int, ...]  # the dimensions the statistics were taken over
 
 
 class BatchStats(NamedTuple):
-    mean: Tensor  # (1, H) or (1, 1, H)
-    var: Tensor  # (1, H) or (1, 1, H), unbiased
+    mean: Tensor  # (1, H)
+    var: Tensor  # (1, H), unbiased
 
 
 def batchnorm_forward(
@@ -177,8 +190,9 @@ def batchnorm_backward(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Ten
     """Returns dx, dgain, dbias: the fused backward of the lecture's Exercise 3.
 
     In the forward pass this was: out = gain * (x - mean) * (var + eps)**-0.5 + bias, with
-    mean = x.sum(0)/n and var = ((x - mean)**2).sum(0)/(n-1). Through the three paths by which
-    x reaches the output (directly, through the mean, through the variance):
+    mean = x.sum(0)/n and var = ((x - mean)**2).sum(0)/(n-1), the sums over the statistics' dims
+    (n = B, or B*T for 3-D inputs). Through the three paths by which x reaches the output
+    (directly, through the mean, through the variance):
 
         dx = gain * var_inv / n * (n * dout - sum(dout) - n/(n-1) * xhat * sum(dout * xhat))
 
