@@ -1,0 +1,93 @@
+"""`backprop-ninja sample`: words from a trained run, all N advanced together.
+
+The lecture samples one word at a time, one character per forward pass. Here the N words move
+together: one forward pass of N contexts per character position, until every word has drawn the
+end token (or reached the length limit). BatchNorm is in eval mode, so each row is independent of
+the others, and a seed fixes every word.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backprop_ninja import checkpoint
+from backprop_ninja.data import END_TOKEN, Vocabulary, read_words, resolve_names, split_words
+from backprop_ninja.models import Model
+
+MAX_LEN_FACTOR = 2  # a sample is cut at twice the longest word of the data
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: Model,
+    n: int,
+    g: torch.Generator,
+    max_len: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> Tensor:
+    """(n, max_len) token ids; each row ends at its first END_TOKEN (padded with END_TOKEN after it)."""
+    device = next(iter(model.params.values())).device
+    context = torch.full((n, model.config.block_size), END_TOKEN, dtype=torch.long, device=device)  # (n, T)
+    out = torch.full((n, max_len), END_TOKEN, dtype=torch.long)  # (n, L)
+    done = torch.zeros(n, dtype=torch.bool)  # (n,)
+    for t in range(max_len):
+        logits = model.logits(context).float().cpu() / temperature  # (n, V)
+        if top_k is not None and top_k < logits.shape[1]:
+            kth = torch.topk(logits, top_k, dim=1).values[:, -1:]  # (n, 1) the k-th largest logit
+            logits = logits.masked_fill(logits < kth, -float("inf"))  # (n, V)
+        probs = F.softmax(logits, dim=1)  # (n, V)
+        ix = torch.multinomial(probs, num_samples=1, generator=g).squeeze(1)  # (n,)
+        ix = ix.masked_fill(done, END_TOKEN)  # (n,) a finished word stays finished
+        out[:, t] = ix
+        done |= ix == END_TOKEN
+        if bool(done.all()):
+            break
+        context = torch.cat([context[:, 1:], ix.to(device)[:, None]], dim=1)  # (n, T) crop and append
+    return out
+
+
+def sample_words(
+    model: Model,
+    vocab: Vocabulary,
+    n: int,
+    g: torch.Generator,
+    max_len: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> list[str]:
+    """n words, without the end marker."""
+    tokens = sample_tokens(model, n, g, max_len, temperature, top_k)
+    return [vocab.decode(row) for row in tokens.tolist()]
+
+
+def mark(words: list[str], splits: dict[str, list[str]]) -> list[str]:
+    """Each word's tag, as makemore sorts its samples: 'in train', 'in val', 'in test' or 'new'."""
+    sets = {name: set(ws) for name, ws in splits.items()}
+
+    def tag(word: str) -> str:
+        for name in ("train", "val", "test"):
+            if word in sets[name]:
+                return f"in {name}"
+        return "new"
+
+    return [tag(w) for w in words]
+
+
+def run(args: argparse.Namespace) -> int:
+    ckpt = checkpoint.load(args.out)
+    info = ckpt.info
+    g = torch.Generator().manual_seed(args.seed)
+    words = sample_words(ckpt.model, info.vocab, args.num, g, max_len=MAX_LEN_FACTOR * info.max_word_len,
+                         temperature=args.temperature, top_k=args.top_k)
+    if not args.mark:
+        print("\n".join(words))
+        return 0
+    source = args.input or info.input
+    tags = mark(words, split_words(read_words(source if source else resolve_names())))
+    print("\n".join(f"{word}\t{tag}" for word, tag in zip(words, tags)))
+    return 0

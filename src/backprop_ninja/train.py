@@ -1,0 +1,397 @@
+"""`backprop-ninja train` and `backprop-ninja eval`: the lecture's Exercise 4 as a product.
+
+The loop is the lecture's, with every gradient from the hand-written backward pass:
+
+    g = torch.Generator().manual_seed(seed)
+    model = build_model(config, g)                     # draws the initial values from g ...
+    for i in range(steps):
+        ix = torch.randint(0, Ntrain, (B,), generator=g)   # ... and then the batches, as the lecture
+        loss = stepper.step(Xtr[ix], Ytr[ix], lr)          # forward, hand-written backward, SGD
+    model.calibrate(Xtr)                               # BatchNorm statistics of the whole train split
+
+It builds no autograd graph, and it never waits on a single step's loss: losses go into a
+preallocated tensor that is read only every SYNC_EVERY steps (progress, NaN check, checkpoint).
+The model is any entry of the `models` registry; its spec gives the default shape and the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backprop_ninja import checkpoint
+from backprop_ninja.checkpoint import RunInfo
+from backprop_ninja.compare import compare
+from backprop_ninja.data import Dataset, load_dataset, resolve_names
+from backprop_ninja.errors import UserError
+from backprop_ninja.models import LECTURE_SEED, Model, ModelConfig, build_model, get_spec
+
+DEFAULT_MODEL = "mlp"
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LR = 0.1  # the lecture's; lr / 10 after the recipe's decay point
+SAMPLE_SEED = LECTURE_SEED + 10  # the lecture samples with torch.Generator().manual_seed(2147483647 + 10)
+NUM_SAMPLES_AT_END = 20
+
+SYNC_EVERY = 100  # steps between reads of the losses: progress bar, NaN check, Ctrl-C checkpoint
+LOG_EVERY = 10_000  # plain log lines off a terminal, as the lecture's `  10000/ 200000: 2.2097`
+SAVE_EVERY = 10_000  # periodic checkpoint; a multiple of SYNC_EVERY
+EVAL_CHUNK = 65_536  # rows per forward pass when evaluating a whole split (bounds memory)
+
+# --verify-every: a correct float32 backward agrees with autograd to maxdiff 1e-10..1e-7 on these
+# networks (the rounding of two summation orders); seed 004's stale-bn_raw bug is off by 1e-3 or
+# more. Elementwise |mine - autograd| <= VERIFY_ATOL + VERIFY_RTOL * |autograd| sits in between.
+VERIFY_RTOL = 1e-4
+VERIFY_ATOL = 1e-6
+
+
+class TrainingStopped(UserError):
+    """Training stopped on a failed check (gradients disagree, loss not finite): exit 1, one line."""
+
+    exit_code = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# one step: the seam where a faster implementation plugs in
+
+
+class Stepper(Protocol):
+    def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
+        """Forward, hand-written backward and an SGD update of the model in place; returns the loss (0-d)."""
+        ...
+
+
+class EagerStepper:
+    """The plain step: `model.loss_and_grads`, then p -= lr * grad for every parameter."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.params = model.params
+
+    def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
+        loss, grads = self.model.loss_and_grads(Xb, Yb)  # ()
+        for name, p in self.params.items():
+            p.add_(grads[name], alpha=-lr)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# checks during training
+
+
+def verify_gradients(model: Model, Xb: Tensor, Yb: Tensor, step: int) -> None:
+    """Recompute this batch's gradients with autograd; raise naming the first parameter that disagrees.
+
+    Leaves the model exactly as it was, BatchNorm running statistics included, so a verified run
+    trains bit for bit like an unverified one.
+    """
+    saved_buffers = {k: v.clone() for k, v in model.buffers.items()}
+    _, mine = model.loss_and_grads(Xb, Yb)
+    for k, v in model.buffers.items():
+        v.copy_(saved_buffers[k])
+    _, reference = model.autograd_loss_and_grads(Xb, Yb)
+    for name, ref in reference.items():  # the model's parameter order
+        grad = mine.get(name)
+        if grad is None:
+            raise TrainingStopped(f"gradient check failed at step {step}: the backward pass gave no gradient "
+                                  f"for {name}")
+        row = compare(name, grad, ref)
+        within = row.maxdiff == row.maxdiff and bool(
+            ((grad - ref).abs() <= VERIFY_ATOL + VERIFY_RTOL * ref.abs()).all()
+        )
+        if not within:
+            raise TrainingStopped(
+                f"gradient check failed at step {step}: d{name} disagrees with autograd "
+                f"(maxdiff {row.maxdiff:.3g}, allowed {VERIFY_ATOL:g} + {VERIFY_RTOL:g}*|autograd|)"
+            )
+
+
+def check_finite(losses: Tensor, start: int, stop: int) -> None:
+    """Raise naming the first step in [start, stop) whose loss is NaN or infinite."""
+    bad = ~torch.isfinite(losses[start:stop])  # (stop - start,)
+    if bool(bad.any()):
+        first = start + int(bad.nonzero()[0, 0])
+        raise TrainingStopped(f"the loss is {losses[first].item()} at step {first}; training stopped")
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+class StopFlag:
+    requested = False
+
+
+@contextmanager
+def sigint_requests_stop() -> Iterator[StopFlag]:
+    """Turn the first Ctrl-C into a request to stop at the next step (a second one interrupts at once)."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.requested = True
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Progress:
+    """A tqdm bar on a terminal; the lecture's periodic log lines otherwise."""
+
+    def __init__(self, start: int, steps: int, tty: bool | None = None) -> None:
+        self.steps = steps
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, start: int, stop: int, losses: Tensor) -> None:
+        """Steps [start, stop) are done; their losses are in losses[start:stop]."""
+        if self.bar is not None:
+            self.bar.update(stop - start)
+            self.bar.set_postfix(loss=f"{losses[stop - 1].item():.4f}", refresh=False)
+            return
+        first = -(-start // LOG_EVERY) * LOG_EVERY  # the first multiple of LOG_EVERY >= start
+        for i in range(first, stop, LOG_EVERY):
+            print(f"{i:7d}/{self.steps:7d}: {losses[i].item():.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def lr_at(step: int, info: RunInfo) -> float:
+    """The lecture's step decay: `lr = 0.1 if i < 100000 else 0.01` for 200000 steps."""
+    return info.lr if step < int(info.decay_at * info.steps) else info.lr / 10
+
+
+def train_steps(
+    model: Model,
+    stepper: Stepper,
+    X: Tensor,
+    Y: Tensor,
+    g: torch.Generator,
+    losses: Tensor,
+    info: RunInfo,
+    *,
+    verify_every: int | None = None,
+    save: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+    stop: StopFlag | None = None,
+) -> int:
+    """Train from step info.step up to info.steps; return the step reached (less on a stop request).
+
+    X, Y: (N, T), (N,) the training split. losses: (info.steps,) float32, filled in as steps run.
+    `save(step)` is called every SAVE_EVERY steps, only after the losses so far are known finite.
+    """
+    n_train = X.shape[0]
+    step = checked = info.step
+    with torch.no_grad():
+        while step < info.steps:
+            ix = torch.randint(0, n_train, (info.batch_size,), generator=g)  # (B,)
+            Xb, Yb = X[ix], Y[ix]  # (B, T), (B,)
+            if verify_every and step % verify_every == 0:
+                verify_gradients(model, Xb, Yb, step)  # the gradients of this very update
+            losses[step] = stepper.step(Xb, Yb, lr_at(step, info))
+            step += 1
+            stopping = stop is not None and stop.requested
+            if step % SYNC_EVERY == 0 or step == info.steps or stopping:
+                check_finite(losses, checked, step)
+                if progress is not None:
+                    progress.update(checked, step, losses)
+                checked = step
+                if save is not None and step % SAVE_EVERY == 0 and step < info.steps:
+                    save(step)
+                if stopping:
+                    break
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# data and evaluation
+
+
+class RunData(NamedTuple):
+    dataset: Dataset
+    input: str | None  # absolute path of the word list, None for the default names data set
+    sha256: str
+
+
+def load_run_data(input_path: str | None, block_size: int, vocab=None) -> RunData:
+    path = Path(input_path).resolve() if input_path else resolve_names()
+    dataset = load_dataset(path, block_size, vocab=vocab)
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    return RunData(dataset, str(path) if input_path else None, sha256)
+
+
+def evaluate(model: Model, dataset: Dataset) -> dict[str, float | None]:
+    """Mean cross-entropy of each split in eval mode (BatchNorm buffers); None for an empty split."""
+    device = next(iter(model.params.values())).device
+    result: dict[str, float | None] = {}
+    for name in ("train", "val", "test"):
+        X, Y = dataset.split(name)
+        if X.shape[0] == 0:
+            result[name] = None
+            continue
+        total = 0.0
+        for start in range(0, X.shape[0], EVAL_CHUNK):
+            logits = model.logits(X[start : start + EVAL_CHUNK].to(device))  # (chunk, V)
+            Yc = Y[start : start + EVAL_CHUNK].to(device)  # (chunk,)
+            total += F.cross_entropy(logits, Yc, reduction="sum").double().item()
+        result[name] = total / X.shape[0]
+    return result
+
+
+def format_losses(losses: dict[str, float | None]) -> str:
+    return "\n".join(f"{name} {'n/a' if v is None else f'{v:.4f}'}" for name, v in losses.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# backprop-ninja train
+
+
+def run(args: argparse.Namespace) -> int:
+    from backprop_ninja.sampling import MAX_LEN_FACTOR, sample_words
+
+    device = checkpoint.resolve_device(args.device)
+    model_name = args.model or DEFAULT_MODEL
+    run_dir = Path(args.out or f"runs/{model_name}")
+    if args.resume:
+        model, info, g, losses, data = resume(run_dir, args, device)
+    else:
+        model, info, g, losses, data = start(args, model_name, device)
+    X, Y = data.dataset.train.X.to(device), data.dataset.train.Y.to(device)  # (N, T), (N,)
+
+    def save(step: int, **changes) -> None:
+        generator_state = g.get_state()
+        checkpoint.save(run_dir, model, replace(info, step=step, **changes), generator_state, losses[:step])
+
+    progress = Progress(info.step, info.steps)
+    try:
+        with sigint_requests_stop() as stop:
+            step = train_steps(model, EagerStepper(model), X, Y, g, losses, info,
+                               verify_every=args.verify_every, save=save, progress=progress, stop=stop)
+            if step < info.steps:  # Ctrl-C: the losses up to `step` were checked by train_steps
+                save(step)
+                progress.close()
+                if args.plots:
+                    write_plots(run_dir, losses[:step])
+                print(f"interrupted at step {step}/{info.steps}; checkpoint saved in {run_dir} "
+                      f"(continue with: backprop-ninja train --resume --out {run_dir})", file=sys.stderr)
+                return 130  # the shell's code for "stopped by SIGINT": `make` and scripts do not go on
+    except TrainingStopped as err:
+        progress.close()
+        raise TrainingStopped(f"{err} (the last good checkpoint in {run_dir} is kept)") from None
+    progress.close()
+
+    with torch.no_grad():
+        model.calibrate(X)
+    save(info.steps, calibrated=True)
+    if args.plots:
+        write_plots(run_dir, losses)
+    print(format_losses(evaluate(model, data.dataset)))
+    g_sample = torch.Generator().manual_seed(SAMPLE_SEED)
+    for word in sample_words(model, info.vocab, NUM_SAMPLES_AT_END, g_sample, max_len=MAX_LEN_FACTOR * info.max_word_len):
+        print(word)
+    return 0
+
+
+def start(args: argparse.Namespace, model_name: str, device: torch.device):
+    spec = get_spec(model_name)
+    block_size = args.block_size or spec.block_size
+    data = load_run_data(args.input, block_size)
+    check_trainable(data)
+    ds = data.dataset
+    config = ModelConfig(model_name, ds.vocab.size, block_size, args.embd or spec.n_embd, args.hidden or spec.n_hidden)
+    seed = LECTURE_SEED if args.seed is None else args.seed
+    g = torch.Generator().manual_seed(seed)
+    model = build_model(config, g)
+    checkpoint.move_model(model, device)
+    steps = args.steps or spec.steps
+    info = RunInfo(
+        config=config, chars=ds.vocab.chars, input=data.input, input_sha256=data.sha256,
+        max_word_len=max(len(w) for ws in ds.words.values() for w in ws), seed=seed,
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE, lr=args.lr or DEFAULT_LR, decay_at=spec.decay_at,
+        steps=steps, step=0, calibrated=False,
+    )
+    losses = torch.full((steps,), math.nan, device=device)  # (steps,)
+    return model, info, g, losses, data
+
+
+def resume(run_dir: Path, args: argparse.Namespace, device: torch.device):
+    ckpt = checkpoint.load(run_dir, device)
+    info = ckpt.info
+    config = info.config
+    given = {
+        "--model": (args.model, config.model), "--block-size": (args.block_size, config.block_size),
+        "--embd": (args.embd, config.n_embd), "--hidden": (args.hidden, config.n_hidden),
+        "--seed": (args.seed, info.seed), "--batch-size": (args.batch_size, info.batch_size),
+        "--lr": (args.lr, info.lr),
+    }
+    for option, (value, recorded) in given.items():
+        if value is not None and value != recorded:
+            raise UserError(f"{option} {value} differs from the run in {run_dir} ({recorded}); "
+                            "a resumed run keeps its settings (omit the option, or start a new run)")
+    steps = args.steps or info.steps
+    if steps < info.step:
+        raise UserError(f"--steps {steps}: the run in {run_dir} is already at step {info.step}")
+    data = load_run_data(args.input or info.input, config.block_size, vocab=info.vocab)
+    if data.sha256 != info.input_sha256:
+        where = args.input or info.input or "the names data set"
+        raise UserError(f"{where} is not the word list the run in {run_dir} was trained on (its sha256 differs)")
+    g = torch.Generator().set_state(ckpt.generator_state)
+    losses = torch.full((steps,), math.nan, device=device)  # (steps,)
+    losses[: info.step] = ckpt.losses.to(device)
+    return ckpt.model, replace(info, steps=steps, input=data.input), g, losses, data
+
+
+def check_trainable(data: RunData) -> None:
+    n_train = data.dataset.train.X.shape[0]
+    if n_train < 2:  # BatchNorm's unbiased variance needs two examples, in a batch and at calibration
+        where = data.input or "the names data set"
+        raise UserError(f"{where}: too few words: the training split (80%) has {n_train} examples, "
+                        "BatchNorm needs at least 2")
+
+
+def write_plots(run_dir: Path, losses: Tensor) -> None:
+    from backprop_ninja.plots import write_loss_plot
+
+    write_loss_plot(losses.cpu(), run_dir / "loss.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# backprop-ninja eval
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    device = checkpoint.resolve_device(args.device)
+    ckpt = checkpoint.load(args.out, device)
+    info = ckpt.info
+    data = load_run_data(args.input or info.input, info.config.block_size, vocab=info.vocab)
+    losses = evaluate(ckpt.model, data.dataset)
+    if args.json:
+        print(json.dumps(losses))
+    else:
+        print(format_losses(losses))
+    return 0
