@@ -53,35 +53,48 @@ class Intermediates(NamedTuple):
     loss: Tensor  # ()
 
 
-def forward(p: dict[str, Tensor], Xb: Tensor, Yb: Tensor) -> Intermediates:
-    """The forward pass, "chunked" into steps small enough to backpropagate one at a time."""
+def forward(
+    p: dict[str, Tensor], Xb: Tensor, Yb: Tensor, given: dict[str, Tensor] | None = None
+) -> Intermediates:
+    """The forward pass, "chunked" into steps small enough to backpropagate one at a time.
+
+    `given` holds intermediates at fixed values: the finite-difference check perturbs one of them
+    and lets everything downstream of it be recomputed.
+    """
     C, W1, b1, W2, b2, bngain, bnbias = (p[name] for name in PARAM_NAMES)
     n = Xb.shape[0]
     rows = torch.arange(n)
-    emb = C[Xb]  # (n, T, E) embed the characters into vectors
-    embcat = emb.view(emb.shape[0], -1)  # (n, T*E) concatenate the vectors
+    given = given or {}
+
+    def let(name: str, value: Tensor) -> Tensor:
+        return given.get(name, value)
+
+    emb = let("emb", C[Xb])  # (n, T, E) embed the characters into vectors
+    embcat = let("embcat", emb.view(emb.shape[0], -1))  # (n, T*E) concatenate the vectors
     # Linear layer 1
-    hprebn = embcat @ W1 + b1  # (n, H) hidden layer pre-activation
+    hprebn = let("hprebn", embcat @ W1 + b1)  # (n, H) hidden layer pre-activation
     # BatchNorm layer
-    bnmeani = 1 / n * hprebn.sum(0, keepdim=True)  # (1, H)
-    bndiff = hprebn - bnmeani  # (n, H)
-    bndiff2 = bndiff**2  # (n, H)
-    bnvar = 1 / (n - 1) * (bndiff2).sum(0, keepdim=True)  # (1, H) Bessel's correction: n-1, not n
-    bnvar_inv = (bnvar + ops.BATCHNORM_EPS) ** -0.5  # (1, H)
-    bnraw = bndiff * bnvar_inv  # (n, H)
-    hpreact = bngain * bnraw + bnbias  # (n, H)
+    bnmeani = let("bnmeani", 1 / n * hprebn.sum(0, keepdim=True))  # (1, H)
+    bndiff = let("bndiff", hprebn - bnmeani)  # (n, H)
+    bndiff2 = let("bndiff2", bndiff**2)  # (n, H)
+    # note: Bessel's correction (dividing by n-1, not n)
+    bnvar = let("bnvar", 1 / (n - 1) * (bndiff2).sum(0, keepdim=True))  # (1, H)
+    bnvar_inv = let("bnvar_inv", (bnvar + ops.BATCHNORM_EPS) ** -0.5)  # (1, H)
+    bnraw = let("bnraw", bndiff * bnvar_inv)  # (n, H)
+    hpreact = let("hpreact", bngain * bnraw + bnbias)  # (n, H)
     # Non-linearity
-    h = torch.tanh(hpreact)  # (n, H)
+    h = let("h", torch.tanh(hpreact))  # (n, H)
     # Linear layer 2
-    logits = h @ W2 + b2  # (n, V)
+    logits = let("logits", h @ W2 + b2)  # (n, V)
     # cross entropy loss (same as F.cross_entropy(logits, Yb))
-    logit_maxes = logits.max(1, keepdim=True).values  # (n, 1)
-    norm_logits = logits - logit_maxes  # (n, V) subtract the max for numerical stability
-    counts = norm_logits.exp()  # (n, V)
-    counts_sum = counts.sum(1, keepdim=True)  # (n, 1)
-    counts_sum_inv = counts_sum**-1  # (n, 1) not 1.0/counts_sum: that one is not bit-exact
-    probs = counts * counts_sum_inv  # (n, V)
-    logprobs = probs.log()  # (n, V)
+    logit_maxes = let("logit_maxes", logits.max(1, keepdim=True).values)  # (n, 1)
+    norm_logits = let("norm_logits", logits - logit_maxes)  # (n, V) minus the max, for stability
+    counts = let("counts", norm_logits.exp())  # (n, V)
+    counts_sum = let("counts_sum", counts.sum(1, keepdim=True))  # (n, 1)
+    # counts_sum**-1, not 1.0 / counts_sum: the backward of the division is not bit-exact
+    counts_sum_inv = let("counts_sum_inv", counts_sum**-1)  # (n, 1)
+    probs = let("probs", counts * counts_sum_inv)  # (n, V)
+    logprobs = let("logprobs", probs.log())  # (n, V)
     loss = -logprobs[rows, Yb].mean()  # ()
     return Intermediates(
         emb, embcat, hprebn, bnmeani, bndiff, bndiff2, bnvar, bnvar_inv, bnraw, hpreact, h,
