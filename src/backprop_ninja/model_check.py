@@ -1,0 +1,176 @@
+"""`backprop-ninja check --model NAME`: every gradient of a registry model against autograd.
+
+The lecture's check (`check.py`) follows the chunked network of makemore part 4 tensor by tensor.
+This one takes any model of `models.MODELS` as it trains: one training-mode forward pass and the
+hand-written backward of its Sequential, which records the gradient of every layer's output; then
+the same forward pass on autograd leaves, with retain_grad() on every layer's output. One table
+row per layer output and per parameter, in backward order, as the lecture prints them:
+
+    L13 Linear      | exact: False | approximate: True  | maxdiff: 3.725290298461914e-09
+    W4              | exact: False | approximate: True  | maxdiff: 9.313225746154785e-10
+    b4              | exact: True  | approximate: True  | maxdiff: 0.0
+
+`L13 Linear` is d loss / d (output of layer 13, a Linear); L0 is the embedding. The exit code is
+non-zero if any row is not approximate.
+
+Shapes come from the model's registry defaults. `--hidden` defaults to 64, the lecture's check
+width; for the other models 64 means "the model's own width" (128 for wavenet), so that the
+network checked is the network `train --model NAME` builds. Any other --hidden is used as given.
+
+`--numerical` adds float64 central finite differences on a few entries of every parameter, drawn
+by a seeded generator: a check that needs nothing but the forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backprop_ninja import ops
+from backprop_ninja.compare import Row, compare, format_row
+from backprop_ninja.data import load_dataset
+from backprop_ninja.layers import Layer
+from backprop_ninja.models import Model, ModelConfig, build_model, get_spec
+
+LECTURE_CHECK_HIDDEN = 64  # the CLI's default --hidden: the lecture's width, not a request
+
+# torch.autograd.gradcheck's defaults for float64: |numerical - analytical| <= atol + rtol*|numerical|.
+# A correct float64 backward lands at 1e-9..1e-11 here; a wrong one is off by its own magnitude.
+FD_EPS = 1e-6
+FD_ATOL = 1e-5
+FD_RTOL = 1e-3
+FD_ENTRIES = 12  # entries of each parameter nudged (all of them when it has fewer)
+
+SHORT_NAMES = {"FlattenConsecutive": "Flatten", "BatchNorm1d": "BatchNorm"}
+
+
+class ModelSetup(NamedTuple):
+    model: Model
+    Xb: Tensor  # (B, T) contexts
+    Yb: Tensor  # (B,) targets
+
+
+def model_setup(
+    name: str, seed: int, batch_size: int, n_hidden: int | None = None, input_path: str | None = None
+) -> ModelSetup:
+    """The model at its registry shape, then one batch drawn from the same generator, as the lecture."""
+    spec = get_spec(name)
+    ds = load_dataset(input_path, block_size=spec.block_size)
+    config = ModelConfig(name, ds.vocab.size, spec.block_size, spec.n_embd, n_hidden or spec.n_hidden)
+    g = torch.Generator().manual_seed(seed)
+    model = build_model(config, g)
+    ix = torch.randint(0, ds.train.X.shape[0], (batch_size,), generator=g)  # (B,)
+    return ModelSetup(model, ds.train.X[ix], ds.train.Y[ix])
+
+
+def layer_label(index: int, layer: Layer) -> str:
+    kind = type(layer).__name__
+    return f"L{index} {SHORT_NAMES.get(kind, kind)}"
+
+
+def model_rows(model: Model, Xb: Tensor, Yb: Tensor) -> list[Row]:
+    """One row per layer output and per parameter, in backward order: hand-written vs autograd."""
+    net = model.net
+    net.train(True)
+    # the hand-written side: the training path, recording d loss / d (each layer's output)
+    douts: list[Tensor] = []
+    _, ce_cache = ops.cross_entropy_forward(net.forward(Xb), Yb)
+    net.backward(ops.cross_entropy_backward(ce_cache), douts=douts)
+    mine = dict(net.grads)
+    # the reference: the same layers on autograd leaves (the model is left as it was)
+    leaves = {k: p.detach().clone().requires_grad_(True) for k, p in model.params.items()}
+    outs: list[Tensor] = []
+    with torch.enable_grad(), net.substituted(leaves):
+        logits = net.forward(Xb, outs=outs)  # (B, V)
+        for out in outs:
+            out.retain_grad()
+        F.cross_entropy(logits, Yb).backward()
+
+    rows = []
+    for index in reversed(range(len(net.layers))):
+        layer = net.layers[index]
+        rows.append(compare(layer_label(index, layer), douts[index], outs[index].grad))
+        rows += [compare(name, mine[name], leaves[name].grad) for name in layer.params]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# --numerical: float64 central differences on a sample of every parameter's entries
+
+
+class NumericalRow(NamedTuple):
+    name: str
+    ok: bool
+    maxdiff: float  # largest |hand-written - finite difference| over the sampled entries
+    entries: int  # how many entries were nudged
+    numel: int
+
+    def __str__(self) -> str:
+        return (f"{self.name:15s} | numerical: {str(self.ok):5s} | maxdiff: {self.maxdiff:.3e} "
+                f"| entries: {self.entries} of {self.numel}")
+
+
+def numerical_rows(model: Model, Xb: Tensor, Yb: Tensor, seed: int, entries: int = FD_ENTRIES) -> list[NumericalRow]:
+    """The hand-written float64 gradient of each parameter against central finite differences."""
+    net = model.net
+    params64 = {k: p.detach().double() for k, p in model.params.items()}  # fresh copies
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    with torch.no_grad(), net.substituted(params64):
+        net.train(True)
+
+        def loss_now() -> float:
+            return F.cross_entropy(net.forward(Xb), Yb).item()
+
+        _, ce_cache = ops.cross_entropy_forward(net.forward(Xb), Yb)
+        net.backward(ops.cross_entropy_backward(ce_cache))
+        grads = dict(net.grads)
+        for name, p in params64.items():
+            flat = p.view(-1)
+            picks = torch.randperm(flat.numel(), generator=g)[:entries]  # (k,)
+            numerical = torch.empty(len(picks), dtype=torch.float64)  # (k,)
+            for j, i in enumerate(picks.tolist()):
+                original = flat[i].item()
+                flat[i] = original + FD_EPS
+                plus = loss_now()
+                flat[i] = original - FD_EPS
+                minus = loss_now()
+                flat[i] = original
+                numerical[j] = (plus - minus) / (2 * FD_EPS)
+            analytical = grads[name].reshape(-1)[picks]  # (k,)
+            ok = torch.allclose(analytical, numerical, rtol=FD_RTOL, atol=FD_ATOL)
+            maxdiff = (analytical - numerical).abs().max().item()
+            rows.append(NumericalRow(name, bool(ok), maxdiff, len(picks), flat.numel()))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_model_check(args: argparse.Namespace) -> int:
+    spec = get_spec(args.model)
+    n_hidden = None if args.hidden in (None, LECTURE_CHECK_HIDDEN) else args.hidden
+    model, Xb, Yb = model_setup(args.model, args.seed, args.batch_size, n_hidden, args.input)
+    c = model.config
+    print(f"{c.model} ({spec.summary})")
+    print(f"block_size {c.block_size}, n_embd {c.n_embd}, n_hidden {c.n_hidden}, "
+          f"{model.num_params():,} parameters; a batch of {len(Yb)}, seed {args.seed}")
+    print()
+    print("Every layer output (L<i> <layer>) and parameter, hand-written backward vs autograd")
+    rows = model_rows(model, Xb, Yb)
+    for row in rows:
+        print(format_row(row))
+    ok = all(row.approximate for row in rows)
+    if args.numerical:
+        print()
+        print(f"Float64 central differences (eps {FD_EPS:g}, atol {FD_ATOL:g}, rtol {FD_RTOL:g}) "
+              f"on up to {FD_ENTRIES} entries per parameter")
+        numerical = numerical_rows(model, Xb, Yb, args.seed)
+        for row in numerical:
+            print(row)
+        ok &= all(row.ok for row in numerical)
+    return 0 if ok else 1
