@@ -116,8 +116,8 @@ def read_words(path: str | os.PathLike) -> list[str]:
     words = [line.strip() for line in text.splitlines()]
     words = [w for w in words if w]
     if not words:
-        what = "empty" if not text.strip() else "blank"
-        raise UserError(f"{path}: the word list is {what}: it has no words")
+        what = "the file is empty" if not text else "it has only blank lines"
+        raise UserError(f"{path}: no words in the word list: {what}")
     return words
 
 
@@ -189,16 +189,39 @@ class Dataset(NamedTuple):
 
 
 def build_dataset(words: list[str], vocab: Vocabulary, block_size: int) -> Split:
-    """Every (context, next character) pair of every word, as the lecture's build_dataset."""
-    X, Y = [], []
-    for w in words:
-        context = [END_TOKEN] * block_size
-        for ix in vocab.encode(w) + [END_TOKEN]:
-            X.append(context)
-            Y.append(ix)
-            context = context[1:] + [ix]  # crop and append
-    X = torch.tensor(X, dtype=torch.long).view(-1, block_size)  # (N, block_size)
-    Y = torch.tensor(Y, dtype=torch.long)  # (N,)
+    """Every (context, next character) pair of every word, as the lecture's build_dataset:
+
+        for w in words:
+            context = [0] * block_size
+            for ch in w + '.':
+                X.append(context); Y.append(stoi[ch]); context = context[1:] + [stoi[ch]]
+
+    vectorised (that loop takes a second on names.txt; this takes a few milliseconds): lay the words
+    out as one token stream, each preceded by block_size end tokens and followed by one, and cut a
+    window of block_size tokens before every position that is a target.
+    """
+    if not words:
+        return Split(torch.zeros(0, block_size, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    pad = "\0" * block_size  # NUL is never a character of the data (read_words refuses it)
+    text = pad + ("\0" + pad).join(words) + "\0"
+    codepoints = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)  # (S,)
+    vocab_codepoints = torch.tensor([ord(ch) for ch in vocab.chars], dtype=torch.int32)  # (V-1,) sorted
+    unknown = ~torch.isin(codepoints, vocab_codepoints) & (codepoints != 0)  # (S,)
+    if unknown.any():
+        ch = chr(codepoints[unknown].min().item())
+        raise UserError(f"character {ch!r} of the word list is not in the vocabulary")
+    stream = torch.searchsorted(vocab_codepoints, codepoints) + 1  # (S,) token ids, chars from 1
+    stream[codepoints == 0] = END_TOKEN
+    # targets: each word's characters and the end token after it, i.e. every position but the pads
+    targets_per_word = torch.tensor([len(w) + 1 for w in words])  # (W,)
+    word_starts = torch.cumsum(targets_per_word + block_size, 0) - targets_per_word  # (W,)
+    first_target = torch.cumsum(targets_per_word, 0) - targets_per_word  # (W,) index in Y
+    n_targets = int(targets_per_word.sum())
+    offset_in_word = torch.arange(n_targets) - first_target.repeat_interleave(targets_per_word)  # (N,)
+    positions = word_starts.repeat_interleave(targets_per_word) + offset_in_word  # (N,)
+    window = torch.arange(-block_size, 0)  # (block_size,) the positions before a target
+    X = stream[positions[:, None] + window].long()  # (N, block_size)
+    Y = stream[positions].long()  # (N,)
     return Split(X, Y)
 
 
