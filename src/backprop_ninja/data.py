@@ -14,6 +14,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -141,7 +142,7 @@ class Vocabulary:
     def size(self) -> int:
         return len(self.chars) + 1
 
-    @property
+    @cached_property
     def stoi(self) -> dict[str, int]:
         return {ch: i + 1 for i, ch in enumerate(self.chars)}
 
