@@ -244,7 +244,7 @@ class ExerciseResult:
         if self.wrong:
             return f"wrong from {self.first_divergence}"
         if self.missing:
-            return f"{len(self.missing)} of {len(self.rows)} missing"
+            return "missing" if len(self.rows) == 1 else f"{len(self.missing)} of {len(self.rows)} missing"
         return "right"
 
 
@@ -704,10 +704,10 @@ def format_report(result: GradeResult) -> str:
             lines.extend(f"  {note}" for note in ex.diagnoses)
         lines.extend(f"warning: {w}" for w in ex.warnings)
         lines.extend(f"note: {note}" for note in ex.notes)
-        if ex.missing:
-            listed = ", ".join(ex.missing)
-            lines.append(f"missing: {listed}" if len(ex.rows) == 1 else
-                         f"missing: {len(ex.missing)} of {len(ex.rows)} ({listed})")  # fmt: skip
+        if len(ex.missing) == len(ex.rows) > 1:
+            lines.append(f"missing: all {len(ex.rows)}; start with d{ex.rows[0].name}, at the top")
+        elif ex.missing and len(ex.rows) > 1:
+            lines.append(f"missing: {len(ex.missing)} of {len(ex.rows)} ({', '.join(ex.missing)})")
         lines.append("")
     lines.append(_summary(result))
     return "\n".join(lines)
