@@ -1,0 +1,211 @@
+"""`backprop-ninja bench`: the autograd loop against the hand-written eager and fast steps.
+
+Three loops train the lecture MLP (vocabulary 27, block 3, embedding 10, hidden 200) on a
+synthetic training split of the names set's size, each step = draw a batch + one SGD step:
+
+    (a) autograd   the lecture's step: F.cross_entropy, loss.backward(), p.data += -lr * p.grad
+    (b) eager      Model.loss_and_grads, the readable hand-written layers (train --eager)
+    (c) fast       fast.FastMLPStepper, the fused hand-written step (train's default)
+
+Each (loop, batch) runs in a fresh Python process, so that its peak memory is its own: the figure
+is the growth of the process's peak resident set size (ru_maxrss) from just before the first step
+to the end, i.e. what the steps themselves needed on top of the model and the data. Times are
+wall-clock over the timed steps, after a few untimed warm-up steps. The autograd and the eager
+loops run with torch's default thread count, or --threads N; the fast step picks its own for small
+steps (see fast.threads_for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import NamedTuple
+
+LOOPS = ("autograd", "eager", "fast")
+LABELS = {
+    "autograd": "(a) autograd loop",
+    "eager": "(b) hand-written, eager",
+    "fast": "(c) hand-written, fast",
+}
+SMALL_BATCH = 32  # the lecture's
+N_TRAIN = 182_625  # examples in the names set's training split
+WARMUP_STEPS = 3
+LARGE_BATCH_STEP_DIVISOR = 100  # the large batch runs --steps / 100 steps (at least MIN_LARGE_STEPS)
+MIN_LARGE_STEPS = 5
+SEED = 2147483647
+
+
+class Result(NamedTuple):
+    loop: str
+    batch_size: int
+    steps: int
+    us_per_step: float
+    peak_mib: float  # growth of the peak RSS during the steps, MiB
+    threads: int  # threads torch used in the steps
+
+
+# ---------------------------------------------------------------------------------------------
+# one loop, in this process (the worker side)
+
+
+def measure(loop: str, batch_size: int, steps: int, threads: int | None = None) -> Result:
+    """Run `loop` for warm-up + `steps` steps at `batch_size`; time it and its peak memory.
+
+    threads: torch's thread count for the autograd and eager loops (default: torch's own).
+    """
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    import torch.nn.functional as F
+
+    from backprop_ninja.fast import make_fast_stepper
+    from backprop_ninja.models import ModelConfig, build_model
+    from backprop_ninja.train import EagerStepper
+
+    g = torch.Generator().manual_seed(SEED)
+    config = ModelConfig("mlp", vocab_size=27, block_size=3, n_embd=10, n_hidden=200)
+    model = build_model(config, g)
+    X = torch.randint(0, config.vocab_size, (N_TRAIN, config.block_size), generator=g)  # (N, T)
+    Y = torch.randint(0, config.vocab_size, (N_TRAIN,), generator=g)  # (N,)
+    lr = 0.1
+    threads = torch.get_num_threads()
+
+    if loop == "autograd":
+        C, W1, b1, W2, b2, bngain, bnbias = parameters = list(model.params.values())
+        for p in parameters:
+            p.requires_grad = True
+
+        def step(Xb, Yb):  # the lecture's Exercise 4 step, before the manual backward
+            emb = C[Xb]  # (B, T, E)
+            embcat = emb.view(emb.shape[0], -1)  # (B, T*E)
+            hprebn = embcat @ W1 + b1  # (B, H)
+            bnmean = hprebn.mean(0, keepdim=True)  # (1, H)
+            bnvar = hprebn.var(0, keepdim=True, unbiased=True)  # (1, H)
+            bnvar_inv = (bnvar + 1e-5) ** -0.5  # (1, H)
+            bnraw = (hprebn - bnmean) * bnvar_inv  # (B, H)
+            hpreact = bngain * bnraw + bnbias  # (B, H)
+            h = torch.tanh(hpreact)  # (B, H)
+            logits = h @ W2 + b2  # (B, V)
+            loss = F.cross_entropy(logits, Yb)  # ()
+            for p in parameters:
+                p.grad = None
+            loss.backward()
+            for p in parameters:
+                p.data += -lr * p.grad
+            return loss
+
+        grad_mode = torch.enable_grad()
+    else:
+        stepper = EagerStepper(model) if loop == "eager" else make_fast_stepper(model, batch_size)
+        if loop == "fast":
+            threads = stepper.threads
+
+        def step(Xb, Yb):
+            return stepper.step(Xb, Yb, lr)
+
+        grad_mode = torch.no_grad()
+
+    with grad_mode:
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        for _ in range(WARMUP_STEPS):
+            ix = torch.randint(0, N_TRAIN, (batch_size,), generator=g)  # (B,)
+            step(X[ix], Y[ix])
+        start = time.perf_counter()
+        for _ in range(steps):
+            ix = torch.randint(0, N_TRAIN, (batch_size,), generator=g)  # (B,)
+            step(X[ix], Y[ix])
+        elapsed = time.perf_counter() - start
+        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return Result(loop, batch_size, steps, 1e6 * elapsed / steps, (rss_after - rss_before) / 1024, threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table (the parent side)
+
+
+def measure_in_subprocess(loop: str, batch_size: int, steps: int, threads: int | None = None) -> Result:
+    command = [sys.executable, "-m", "backprop_ninja.bench", loop, str(batch_size), str(steps)]
+    if threads is not None:
+        command.append(str(threads))
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench worker {loop} at batch {batch_size} failed:\n{done.stderr}")
+    return Result(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def format_table(results: list[Result], info: dict) -> str:
+    lines = [
+        f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, {info['platform']}",
+        f"torch {info['torch']} ({info['torch_threads']} threads by default), Python {info['python']}",
+        "",
+        f"{'batch':>6}  {'loop':<24} {'threads':>7} {'us/step':>9} {'steps/s':>8} {'peak MiB':>9} "
+        f"{'time vs (a)':>11}",
+    ]
+    baseline = {r.batch_size: r for r in results if r.loop == "autograd"}
+    for r in results:
+        base = baseline.get(r.batch_size)
+        ratio = f"{r.us_per_step / base.us_per_step:.2f}x" if base else "-"
+        lines.append(
+            f"{r.batch_size:>6}  {LABELS[r.loop]:<24} {r.threads:>7} {r.us_per_step:>9.1f} "
+            f"{1e6 / r.us_per_step:>8.0f} {r.peak_mib:>9.1f} {ratio:>11}"
+        )
+    for batch_size, base in baseline.items():
+        rows = {r.loop: r for r in results if r.batch_size == batch_size}
+        if "fast" in rows:
+            fast = rows["fast"]
+            lines.append(
+                f"batch {batch_size}: the fast step is {base.us_per_step / fast.us_per_step:.1f}x faster than "
+                f"autograd and {rows['eager'].us_per_step / fast.us_per_step:.1f}x faster than eager; "
+                f"peak memory {fast.peak_mib:.1f} MiB against autograd's {base.peak_mib:.1f} MiB"
+            )
+    lines.append("peak MiB: growth of the process's peak RSS over the steps (one fresh process per row)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    large_steps = max(MIN_LARGE_STEPS, args.steps // LARGE_BATCH_STEP_DIVISOR)
+    results = []
+    for batch_size, steps in ((SMALL_BATCH, args.steps), (args.large_batch, large_steps)):
+        for loop in LOOPS:
+            if not args.json:
+                print(f"timing {LABELS[loop]} at batch {batch_size} ({steps} steps)...", file=sys.stderr)
+            results.append(measure_in_subprocess(loop, batch_size, steps, args.threads))
+    info = machine()
+    if args.json:
+        print(json.dumps({"machine": info, "results": [r._asdict() for r in results]}, indent=2))
+    else:
+        print(format_table(results, info))
+    return 0
+
+
+if __name__ == "__main__":  # the worker: python -m backprop_ninja.bench LOOP BATCH STEPS [THREADS]
+    loop_name, batch, n_steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    n_threads = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    print(json.dumps(measure(loop_name, batch, n_steps, n_threads)._asdict()))

@@ -1,0 +1,149 @@
+"""The fast training step: the lecture MLP's forward, hand-written backward and SGD update, fused.
+
+`models.Model.loss_and_grads` is the readable reference: one op per layer, caches, dicts. At the
+lecture's batch of 32 its arithmetic is ~2.3 MFLOP, so a step costs what the *calls* cost, not the
+flops. This stepper computes the same step in about 40 torch calls, each chosen for speed:
+
+- the backward formulas of `ops`, written once for this network, without caches or dicts;
+- the batch variance as a sum of squared deviations (torch.var is 10x slower on (32, 200));
+- tanh's backward 1 - h**2 as one fused multiply-add (addcmul), bit for bit the float64 detour
+  of `ops.one_minus_square` without the detour;
+- dlogits from log_softmax (the loss is `F.nll_loss(log_softmax)`, which is F.cross_entropy);
+- the updates of all parameters and of the BatchNorm running statistics as `torch._foreach_*` calls.
+
+It agrees with the eager path to float32 rounding (see tests/test_fast.py for the tolerances), not
+bit for bit: the variance and BatchNorm's backward sum in another order. `check` keeps proving the
+readable ops; the tests prove this stepper against them.
+
+    stepper = make_fast_stepper(model)        # None if the model is not the lecture MLP's shape
+    loss = stepper.step(Xb, Yb, lr)           # same contract as train.EagerStepper.step
+
+Shapes: B batch, T block size, E embedding width, H hidden width, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backprop_ninja.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
+from backprop_ninja.models import Model
+
+# the layer pattern of models.build_mlp: embedding -> flatten -> Linear -> BatchNorm -> tanh -> Linear
+MLP_LAYERS = (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, Linear)
+
+
+# Below this many hidden activations per step (B * H) a step runs on one thread: the work of each
+# op is too small to split, and handing it to a second thread costs more than it saves (measured
+# in docs/speed.md; the default batch of 32 x 200 is 6,400).
+SINGLE_THREAD_BELOW = 65_536
+
+
+def threads_for(batch_size: int, n_hidden: int) -> int:
+    """How many threads a training step uses: 1 for small steps, torch's setting otherwise."""
+    return 1 if batch_size * n_hidden < SINGLE_THREAD_BELOW else torch.get_num_threads()
+
+
+def make_stepper(model: Model, batch_size: int, fast: bool = True):
+    """The stepper `train` uses: the fast one where the model is supported (and `fast`), else eager."""
+    from backprop_ninja.train import EagerStepper  # train imports this module: import when called
+
+    stepper = make_fast_stepper(model, batch_size) if fast else None
+    return stepper if stepper is not None else EagerStepper(model)
+
+
+def make_fast_stepper(model: Model, batch_size: int) -> "FastMLPStepper | None":
+    """A fast stepper for `model`, or None when its layers are not the lecture MLP's pattern."""
+    layers = list(model.net.layers)
+    if tuple(type(layer) for layer in layers) != MLP_LAYERS:
+        return None
+    embedding, flatten, linear1, batchnorm, _, linear2 = layers
+    if flatten.k != model.config.block_size or len(linear1.params) != 2 or len(linear2.params) != 2:
+        return None  # a partial flatten (3-D hidden states) or a Linear without bias
+    if batchnorm.params[batchnorm.gain_name].ndim != 2:
+        return None
+    return FastMLPStepper(model, batch_size)
+
+
+class FastMLPStepper:
+    """Forward, hand-written backward and SGD update of the lecture MLP, in place on the model."""
+
+    def __init__(self, model: Model, batch_size: int) -> None:
+        embedding, _, linear1, batchnorm, _, linear2 = model.net.layers
+        self.C = embedding.params[embedding.name]  # (V, E)
+        self.W1, self.b1 = linear1.params[linear1.w_name], linear1.params[linear1.b_name]  # (T*E, H), (H,)
+        self.W2, self.b2 = linear2.params[linear2.w_name], linear2.params[linear2.b_name]  # (H, V), (V,)
+        self.gain = batchnorm.params[batchnorm.gain_name]  # (1, H)
+        self.bias = batchnorm.params[batchnorm.bias_name]  # (1, H)
+        self.running = [batchnorm.buffers[batchnorm.mean_name], batchnorm.buffers[batchnorm.var_name]]
+        self.momentum, self.eps = batchnorm.momentum, batchnorm.eps
+        self.vectors = [self.b1, self.b2, self.gain, self.bias]  # updated by one _foreach_add_
+        self.threads = threads_for(batch_size, self.W1.shape[1])
+
+    def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
+        """One SGD step on the batch (Xb (B, T) int64, Yb (B,) int64); returns the loss (0-d)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._step(Xb, Yb, lr)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
+        C, W1, b1, W2, b2, gain, bias = self.C, self.W1, self.b1, self.W2, self.b2, self.gain, self.bias
+        n = Xb.shape[0]
+
+        # forward ---------------------------------------------------------------------------
+        idx = Xb.view(-1)  # (B*T,)
+        embcat = C.index_select(0, idx).view(n, -1)  # (B, T*E) emb = C[Xb], concatenated
+        hprebn = torch.addmm(b1, embcat, W1)  # (B, H) embcat @ W1 + b1
+        mean = hprebn.mean(0, keepdim=True)  # (1, H)
+        diff = hprebn.sub_(mean)  # (B, H) hprebn - mean; hprebn is not needed any more
+        var = (diff * diff).sum(0, keepdim=True).div_(n - 1)  # (1, H) unbiased: Bessel's correction
+        var_inv = var.add(self.eps).rsqrt_()  # (1, H) (var + eps)**-0.5
+        xhat = diff.mul_(var_inv)  # (B, H) bnraw
+        h = torch.addcmul(bias, gain, xhat).tanh_()  # (B, H) tanh(gain * bnraw + bias)
+        logits = torch.addmm(b2, h, W2)  # (B, V)
+        logprobs = torch.log_softmax(logits, 1)  # (B, V)
+        loss = F.nll_loss(logprobs, Yb)  # () exactly F.cross_entropy(logits, Yb)
+
+        # backward, each gradient applied as soon as nothing else needs the old parameter ----
+        # loss = -mean(logprobs[i, Y[i]]): dlogits = (softmax - one_hot(Y)) / n
+        dlogits = logprobs.exp_()  # (B, V) the probabilities, in the log-probabilities' storage
+        dlogits.scatter_add_(1, Yb.view(n, 1), self._minus_ones(n, dlogits)).div_(n)  # (B, V)
+        # logits = h @ W2 + b2
+        db2 = dlogits.sum(0)  # (V,)
+        dh = torch.mm(dlogits, W2.t())  # (B, H)
+        W2.addmm_(h.t(), dlogits, alpha=-lr)  # W2 -= lr * dW2, dW2 = h.T @ dlogits (H, V)
+        # h = tanh(hpreact): dhpreact = (1 - h**2) * dh, 1 - h*h in one rounding (fused multiply-add)
+        dhpreact = torch.addcmul(self._ones(h), h, h, value=-1).mul_(dh)  # (B, H)
+        # hpreact = gain * bnraw + bias, bnraw = (hprebn - mean) * var_inv: ops.batchnorm_backward,
+        # dhprebn = gain * var_inv * (dhpreact - dbias / n - bnraw * dgain / (n - 1))
+        dbias = dhpreact.sum(0, keepdim=True)  # (1, H)
+        dgain = (xhat * dhpreact).sum(0, keepdim=True)  # (1, H)
+        dhprebn = torch.addcmul(dhpreact, xhat, dgain, value=-1 / (n - 1))  # (B, H)
+        dhprebn.sub_(dbias, alpha=1 / n).mul_(gain * var_inv)  # (B, H)
+        # hprebn = embcat @ W1 + b1
+        db1 = dhprebn.sum(0)  # (H,)
+        dembcat = torch.mm(dhprebn, W1.t())  # (B, T*E)
+        W1.addmm_(embcat.t(), dhprebn, alpha=-lr)  # W1 -= lr * dW1, dW1 = embcat.T @ dhprebn (T*E, H)
+        # emb = C[Xb]: each looked-up row of C gets the sum of its gradients, here times -lr
+        C.index_add_(0, idx, dembcat.view(idx.shape[0], -1), alpha=-lr)  # (V, E)
+        torch._foreach_add_(self.vectors, [db1, db2, dgain, dbias], alpha=-lr)
+        # running statistics: running += momentum * (batch - running), as BatchNorm1d
+        torch._foreach_lerp_(self.running, [mean, var], self.momentum)
+        return loss
+
+    # constant tensors, made once per batch size
+    def _minus_ones(self, n: int, like: Tensor) -> Tensor:
+        cached = getattr(self, "_minus_ones_cache", None)
+        if cached is None or cached.shape[0] != n:
+            cached = self._minus_ones_cache = torch.full((n, 1), -1.0, dtype=like.dtype, device=like.device)
+        return cached
+
+    def _ones(self, like: Tensor) -> Tensor:
+        cached = getattr(self, "_ones_cache", None)
+        if cached is None or cached.shape != like.shape:
+            cached = self._ones_cache = torch.ones_like(like)
+        return cached
