@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     g.add_argument("--verify-every", type=positive_int, metavar="N",
                    help="every N steps, check the hand-written gradients against autograd")
+    g.add_argument("--eager", action="store_true",
+                   help="train with the readable layer-by-layer step instead of the fast fused one")
 
     # eval ---------------------------------------------------------------------------------
     p = sub.add_parser("eval", help="the train/val/test losses of a trained run")
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=2000, help="timed steps per loop")
     p.add_argument("--large-batch", type=batch_size_type, default=4096, help="the large batch size")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch threads for the autograd and eager loops (default: torch's own)")
 
     return parser
 

@@ -273,6 +273,7 @@ def format_losses(losses: dict[str, float | None]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from backprop_ninja.sampling import MAX_LEN_FACTOR, sample_words
+    from backprop_ninja.fast import make_stepper  # the fast step where the model has one
 
     device = checkpoint.resolve_device(args.device)
     model_name = args.model or DEFAULT_MODEL
@@ -290,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(info.step, info.steps)
     try:
         with sigint_requests_stop() as stop:
-            step = train_steps(model, EagerStepper(model), X, Y, g, losses, info,
+            stepper = make_stepper(model, info.batch_size, fast=not getattr(args, "eager", False))
+            step = train_steps(model, stepper, X, Y, g, losses, info,
                                verify_every=args.verify_every, save=save, progress=progress, stop=stop)
             if step < info.steps:  # Ctrl-C: the losses up to `step` were checked by train_steps
                 save(step)
