@@ -260,7 +260,7 @@ def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
         (lambda d: _write(d, "empty.py", "x = 1\n"), r"empty\.py: defines none of backward, cross_entropy_backward"),
         (lambda d: _write(d, "boom.py", "import torch\nraise ValueError('boom')\n"),
          r"boom\.py:2: running the file raised ValueError: boom"),
-        (lambda d: _write(d, "notfn.py", "backward = 3\n"), r"notfn\.py: backward is not a function \(it is of type int\)"),
+        (lambda d: _write(d, "notfn.py", "backward = 3\n"), r"notfn\.py: backward is not a function"),
     ],
     ids=["missing", "directory", "syntax-error", "binary", "no-functions", "raises-on-import", "not-a-function"],
 )  # fmt: skip
@@ -359,7 +359,8 @@ def test_the_documented_learner_gets_one_verdict_per_exercise(words):
     result = grade_small(words, file=path)
     ex1, ex2, ex3 = result.exercises.values()
     assert ex1.first_divergence == "bndiff2" and "(n-1)/n" in ex1.diagnoses[0]
-    assert len(ex1.warnings) == 1 and ex1.warnings[0].startswith("dbnmeani has shape (13,) but bnmeani has shape (1, 13)")
+    assert len(ex1.warnings) == 1
+    assert ex1.warnings[0].startswith("dbnmeani has shape (13,) but bnmeani has shape (1, 13)")
     assert ex2.first_divergence == "logits" and "missing 1/n" in ex2.diagnoses[0]
     line = 1 + next(i for i, text in enumerate(path.read_text().splitlines()) if "(dhpreact * bnraw).sum(1)" in text)
     assert ex3.error.type == "RuntimeError" and ex3.error.location.endswith(f"learner.py:{line}")

@@ -156,7 +156,8 @@ def cross_entropy_backward(logits, Yb):
 def batchnorm_backward(t, dhpreact):
     """Exercise 3: dhprebn from dhpreact in one expression, through the whole BatchNorm layer.
 
-    Forward: hpreact = bngain * (hprebn - hprebn.mean(0, keepdim=True)) / torch.sqrt(hprebn.var(0, keepdim=True, unbiased=True) + 1e-5) + bnbias
+    Forward, with the batch mean and the unbiased (n-1) batch variance over dim 0:
+        hpreact = bngain * (hprebn - mean) / torch.sqrt(var + 1e-5) + bnbias
     dhpreact (n, H) is autograd's gradient, handed to you; t is as in backward(t). Return dhprebn (n, H).
     """
     n = t.n
@@ -164,5 +165,7 @@ def batchnorm_backward(t, dhpreact):
     # -----------------
     # YOUR CODE HERE :)
     # -----------------
-    dhprebn = bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0) - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(1))
+    dhprebn = bngain * bnvar_inv / n * (
+        n * dhpreact - dhpreact.sum(0) - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(1)
+    )
     return dhprebn
