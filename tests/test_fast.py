@@ -1,0 +1,155 @@
+"""The fast stepper against the readable eager one: same model, same batches -> same training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from backprop_ninja import bench, checkpoint
+from backprop_ninja.cli import main
+from backprop_ninja.data import load_dataset
+from backprop_ninja.fast import FastMLPStepper, make_fast_stepper, make_stepper
+from backprop_ninja.models import ModelConfig, build_model
+from backprop_ninja.train import EagerStepper
+
+WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia", "harper", "evelyn",
+         "abigail", "emily", "elizabeth", "mila", "ella", "avery", "sofia", "camila", "aria", "scarlett",
+         "st. john", "zoë", "jo-ann"]
+SEED = 2147483647
+HIDDEN = 23  # small and odd
+BATCH = 17
+STEPS = 300
+LR = 0.1
+
+# One step from the same parameters: the two paths sum in different orders (variance, BatchNorm's
+# backward, fused multiply-adds), so the loss and each update differ by a few float32 roundings:
+# measured: equal losses, parameters within 1-2 ulp of their values (C ~ 1: 1.2e-7..3.6e-7), while
+# a step moves them by 1e-3..1e-2.
+ONE_STEP_LOSS_ATOL = 2e-6
+ONE_STEP_RTOL = 4 * torch.finfo(torch.float32).eps  # ~4.8e-7: a few roundings of the value
+ONE_STEP_ATOL = 1e-8  # the small parameters (b2, bnbias ~ 0.1) and BatchNorm buffers
+SMALLEST_STEP = 1e-4  # every parameter but b1 moves more than this in one step
+# After STEPS steps those roundings have compounded through training (measured: losses within
+# ~2e-6, parameters and running statistics within ~1e-5 relative); a wrong gradient is off by
+# 1e-2 or more within a few steps.
+LOSS_ATOL = 1e-4
+PARAM_RTOL = 1e-4
+PARAM_ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes on one thread: with two, OpenMP's hand-offs dominate, and on a loaded machine
+    a descheduled worker thread can make a step 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def dataset(write_words):
+    return load_dataset(write_words(WORDS), block_size=3)
+
+
+def mlp(vocab_size: int, hidden: int = HIDDEN):
+    config = ModelConfig("mlp", vocab_size, block_size=3, n_embd=5, n_hidden=hidden)
+    return build_model(config, torch.Generator().manual_seed(SEED))
+
+
+def batches(X, Y, n: int, batch_size: int = BATCH):
+    g = torch.Generator().manual_seed(7)
+    for _ in range(n):
+        ix = torch.randint(0, X.shape[0], (batch_size,), generator=g)  # (B,)
+        yield X[ix], Y[ix]
+
+
+def test_one_fast_step_matches_one_eager_step(dataset):
+    eager_model, fast_model = mlp(dataset.vocab.size), mlp(dataset.vocab.size)
+    before = {k: p.clone() for k, p in eager_model.params.items()}
+    Xb, Yb = next(batches(dataset.train.X, dataset.train.Y, 1))
+    with torch.no_grad():
+        eager_loss = EagerStepper(eager_model).step(Xb, Yb, LR)
+        fast_loss = make_fast_stepper(fast_model, BATCH).step(Xb, Yb, LR)
+    assert fast_loss.shape == eager_loss.shape == ()
+    assert fast_loss.dtype == eager_loss.dtype == torch.float32
+    assert abs(fast_loss.item() - eager_loss.item()) <= ONE_STEP_LOSS_ATOL
+    for name, p0 in before.items():
+        eager_p, fast_p = eager_model.params[name], fast_model.params[name]
+        if name != "b1":  # b1 is followed by BatchNorm: its gradient is zero up to rounding
+            assert (eager_p - p0).abs().max() > SMALLEST_STEP, f"{name} barely moved: the check is void"
+        torch.testing.assert_close(fast_p, eager_p, rtol=ONE_STEP_RTOL, atol=ONE_STEP_ATOL)
+    for name, buf in eager_model.buffers.items():
+        torch.testing.assert_close(fast_model.buffers[name], buf, rtol=ONE_STEP_RTOL, atol=ONE_STEP_ATOL)
+
+
+def test_fast_training_tracks_eager_training(dataset):
+    eager_model, fast_model = mlp(dataset.vocab.size), mlp(dataset.vocab.size)
+    eager, fast = EagerStepper(eager_model), make_fast_stepper(fast_model, BATCH)
+    eager_losses, fast_losses = [], []
+    with torch.no_grad():
+        for Xb, Yb in batches(dataset.train.X, dataset.train.Y, STEPS):
+            eager_losses.append(eager.step(Xb, Yb, LR))
+            fast_losses.append(fast.step(Xb, Yb, LR))
+    eager_losses, fast_losses = torch.stack(eager_losses), torch.stack(fast_losses)  # (STEPS,)
+    assert eager_losses[-10:].mean() < eager_losses[:10].mean() - 0.5  # it trained: the check has teeth
+    torch.testing.assert_close(fast_losses, eager_losses, rtol=0, atol=LOSS_ATOL)
+    for name, p in eager_model.params.items():
+        torch.testing.assert_close(fast_model.params[name], p, rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=name)
+    for name, buf in eager_model.buffers.items():
+        torch.testing.assert_close(fast_model.buffers[name], buf, rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=name)
+
+
+def test_fast_step_leaves_the_thread_setting_as_it_found_it(dataset):
+    model = mlp(dataset.vocab.size)
+    torch.set_num_threads(2)
+    stepper = make_fast_stepper(model, BATCH)
+    assert stepper.threads == 1  # 17 x 23 activations: a small step runs on one thread
+    Xb, Yb = next(batches(dataset.train.X, dataset.train.Y, 1))
+    with torch.no_grad():
+        stepper.step(Xb, Yb, LR)
+    assert torch.get_num_threads() == 2
+
+
+def test_only_the_lecture_mlp_gets_a_fast_stepper():
+    g = torch.Generator().manual_seed(0)
+    deep = build_model(ModelConfig("deep-mlp", 27, block_size=3, n_embd=4, n_hidden=9), g)
+    assert make_fast_stepper(deep, BATCH) is None
+    assert isinstance(make_stepper(deep, BATCH), EagerStepper)
+    lecture = mlp(27)
+    assert isinstance(make_stepper(lecture, BATCH), FastMLPStepper)
+    assert isinstance(make_stepper(lecture, BATCH, fast=False), EagerStepper)
+
+
+def test_train_fast_and_eager_reach_the_same_model(write_words, tmp_path):
+    words = write_words(WORDS)
+    common = ["train", "--input", str(words), "--steps", "60", "--hidden", str(HIDDEN), "--batch-size", "9"]
+    assert main([*common, "--out", str(tmp_path / "fast")]) == 0
+    assert main([*common, "--out", str(tmp_path / "eager"), "--eager"]) == 0
+    fast, eager = checkpoint.load(tmp_path / "fast"), checkpoint.load(tmp_path / "eager")
+    torch.testing.assert_close(fast.losses, eager.losses, rtol=0, atol=LOSS_ATOL)
+    for name, p in eager.model.params.items():
+        torch.testing.assert_close(fast.model.params[name], p, rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=name)
+
+
+def test_bench_worker_runs_in_its_own_process():
+    result = bench.measure_in_subprocess("fast", 32, steps=5, threads=1)
+    assert (result.loop, result.batch_size, result.steps, result.threads) == ("fast", 32, 5, 1)
+    assert result.us_per_step > 0 and result.peak_mib >= 0
+
+
+def test_bench_runs_every_loop_at_both_batch_sizes(capsys, monkeypatch):
+    # the loops run in this process here (a fresh process per loop costs a torch import each)
+    monkeypatch.setattr(bench, "measure_in_subprocess", bench.measure)
+    assert main(["bench", "--steps", "20", "--large-batch", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    results = [bench.Result(**r) for r in report["results"]]
+    assert [(r.batch_size, r.loop) for r in results] == [(b, loop) for b in (32, 64) for loop in bench.LOOPS]
+    assert all(r.us_per_step > 0 and r.peak_mib >= 0 for r in results)
+    assert report["machine"]["logical_cpus"] >= 1
+    table = bench.format_table(results, report["machine"])
+    for label in bench.LABELS.values():
+        assert table.count(label) == 2
+    assert "faster than autograd" in table
