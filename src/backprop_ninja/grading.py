@@ -75,6 +75,7 @@ EXERCISES = (
     Exercise("batchnorm_backward", "Exercise 3: batchnorm_backward(t, dhpreact) -> dhprebn", ("hprebn",)),
 )
 FUNCTION_NAMES = tuple(ex.function for ex in EXERCISES)
+FROM_PYTHON = "your functions"  # the report's name for functions passed to grade() directly
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ class ExerciseResult:
 class GradeResult:
     """What `grade()` returns: str() is the report, .ok the verdict, .exercises the details."""
 
-    source: str  # the solution file, or "your functions"
+    source: str  # the solution file, or FROM_PYTHON
     seed: int
     batch_size: int
     n_hidden: int
@@ -321,7 +322,7 @@ def grade(
         for ex in EXERCISES
         if ex.function in functions
     }
-    source = str(file) if file is not None else "your functions"
+    source = str(file) if file is not None else FROM_PYTHON
     result = GradeResult(source, seed, batch_size, n_hidden, exercises)
     if verbose:
         print(format_report(result))
@@ -593,7 +594,9 @@ def _shape_note(name: str, shape: torch.Size, expected: torch.Size) -> str:
             how = f".sum({lead[0]})" if len(lead) == 1 else f".sum({lead})"
         else:
             how = f"a sum over dims {tuple(lead + kept)}"
-        return f"{head}: {BROADCAST_RULE}: sum over the broadcast dimensions, {how}"
+        dims = lead + kept
+        over = f"dim {dims[0]}" if len(dims) == 1 else f"dims {tuple(dims)}"
+        return f"{head}: {name} was broadcast over {over} in the forward pass, and {BROADCAST_RULE}: {how}"
     return f"{head}: a gradient has its tensor's shape; {BROADCAST_RULE}"
 
 
@@ -718,10 +721,12 @@ def format_report(result: GradeResult) -> str:
 
 def _summary(result: GradeResult) -> str:
     absent = [f for f in FUNCTION_NAMES if f not in result.exercises]
-    not_tried = f" ({', '.join(absent)} not defined)" if absent and result.source != "your functions" else ""
+    not_tried = f" ({', '.join(absent)} not defined)" if absent and result.source != FROM_PYTHON else ""
     if result.ok:
         return f"result: every gradient is right{not_tried}"
     todo = "; ".join(f"{ex.function} {ex.verdict}" for ex in result.exercises.values() if not ex.ok)
+    if len(result.exercises) == 1:
+        return f"result: {todo}{not_tried}"
     right = sum(ex.ok for ex in result.exercises.values())
     return f"result: {right} of {len(result.exercises)} exercises right; {todo}{not_tried}"
 
