@@ -73,9 +73,11 @@ def weight_stats(data: Tensor, grad: Tensor) -> WeightStats:
 
 
 def update_ratio_log10(data: Tensor, grad: Tensor, lr: float) -> float:
-    """log10 of the update:data ratio, (lr * grad).std() / data.std(); -inf for a zero update."""
+    """log10 of the update:data ratio, (lr * grad).std() / data.std(); -inf for a zero update.
+
+    NaN stays NaN (no warning compares true on it): a diverged loss is the training loop's error."""
     ratio = ((lr * grad).std() / data.std()).item()
-    return math.log10(ratio) if ratio > 0 else -math.inf
+    return math.log10(ratio) if ratio > 0 else (-math.inf if ratio == 0 else math.nan)
 
 
 def tanh_outputs(model: Model) -> dict[str, Tensor]:
