@@ -100,6 +100,21 @@ def test_monitor_records_only_every_n_steps():
     assert [r.step for r in monitor.records] == [0, 4, 8]
 
 
+def test_observe_records_without_changing_the_model():
+    model = deep_mlp()
+    g = torch.Generator().manual_seed(3)
+    X, Y = torch.randint(0, 27, (16, 3), generator=g), torch.randint(0, 27, (16,), generator=g)
+    model.loss_and_grads(X, Y)  # a step's forward moved the running statistics once
+    params = {k: v.clone() for k, v in model.params.items()}
+    buffers = {k: v.clone() for k, v in model.buffers.items()}
+    monitor = TrainingMonitor(model, every=2)
+    assert monitor.observe(1, X, Y, 0.1) == [] and monitor.records == []  # not due
+    monitor.observe(2, X, Y, 0.1)
+    assert [r.step for r in monitor.records] == [2]
+    assert all(torch.equal(model.params[k], params[k]) for k in params)
+    assert all(torch.equal(model.buffers[k], buffers[k]) for k in buffers)
+
+
 def test_no_warning_on_a_healthy_model():
     model = deep_mlp()
     monitor = TrainingMonitor(model, every=5)

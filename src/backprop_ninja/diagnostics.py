@@ -19,6 +19,7 @@ The training loop drives a TrainingMonitor:
         ... update the parameters with lr ...
         for warning in monitor.after_step(step, grads, lr):   # cheap unless step % every == 0
             print(warning)
+        # or, with a stepper that exposes no grads: monitor.observe(step, Xb, Yb, lr)
     monitor.write_plots(run_dir)   # activations.png, gradients.png, update-ratio.png
 
 The tanh outputs are read from the Tanh layers' caches of the step's own forward pass, so nothing
@@ -143,9 +144,12 @@ class TrainingMonitor:
         self.last_grads: dict[str, Tensor] = {}  # and weight gradients, for the histograms
         self._warned: set[str] = set()
 
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
     def after_step(self, step: int, grads: dict[str, Tensor], lr: float) -> list[str]:
         """Call after each step's update; returns the warnings raised at this step (usually none)."""
-        if step % self.every:
+        if not self.due(step):
             return []
         self.records.append(record(self.model, step, grads, lr))
         self.last_tanh = {k: t.detach().clone() for k, t in tanh_outputs(self.model).items()}
@@ -153,6 +157,19 @@ class TrainingMonitor:
         new = {key: text for key, text in self._conditions().items() if key not in self._warned}
         self._warned.update(new)
         return list(new.values())
+
+    def observe(self, step: int, Xb: Tensor, Yb: Tensor, lr: float) -> list[str]:
+        """after_step for steppers that expose no gradients (e.g. the fused fast step of `fast`).
+
+        On a due step, runs this batch's forward and hand-written backward once more through the
+        layers, restoring the BatchNorm buffers afterwards, so training goes on bit for bit as
+        without the monitor. One extra eager step per `every` steps.
+        """
+        if not self.due(step):
+            return []
+        with self.model.net.substituted(self.model.params):  # the same tensors; buffers restored
+            _, grads = self.model.loss_and_grads(Xb, Yb)
+        return self.after_step(step, grads, lr)
 
     def warnings(self) -> list[str]:
         """Every condition that holds at the latest records, one line each."""
