@@ -164,8 +164,9 @@ def test_batchnorm_running_statistics_follow_the_lectures_momentum_update_for_3d
     for x in (x1, x2):  # the lecture: running = (1 - momentum) * running + momentum * batch stat
         mean = (1 - momentum) * mean + momentum * x.mean((0, 1))
         var = (1 - momentum) * var + momentum * x.var((0, 1))
-    assert torch.equal(bn.buffers["running_mean"], mean)
-    assert torch.equal(bn.buffers["running_var"], var)
+    # the same update up to the last bit (computed as a fused lerp_): float64 rounding noise
+    torch.testing.assert_close(bn.buffers["running_mean"], mean, rtol=AUTOGRAD_RTOL, atol=AUTOGRAD_ATOL)
+    torch.testing.assert_close(bn.buffers["running_var"], var, rtol=AUTOGRAD_RTOL, atol=AUTOGRAD_ATOL)
 
 
 def test_batchnorm_eval_mode_uses_the_buffers_and_leaves_them_alone():

@@ -132,12 +132,12 @@ class BatchNorm1d(Layer):
             mean, var = self.buffers[self.mean_name], self.buffers[self.var_name]
             return ops.batchnorm_inference(x, gain, bias, mean, var, self.eps)  # (B, H)
         out, self.cache, stats = ops.batchnorm_forward(x, gain, bias, self.eps)  # (B, H)
-        with torch.no_grad():  # in place: the model's buffers dict holds these very tensors
-            for name, batch_stat in ((self.mean_name, stats.mean), (self.var_name, stats.var)):
-                running = self.buffers[name]  # shaped like gain
-                # the lectures' update, term for term (lerp_ would round differently)
-                batch_stat = batch_stat.reshape(running.shape)
-                running.copy_((1 - self.momentum) * running + self.momentum * batch_stat)
+        # running += momentum * (batch - running): the lectures' (1 - momentum) * running +
+        # momentum * batch as one fused in-place op (as fast.py does; the two round differently in
+        # the last bit). In place: the model's buffers dict holds these very tensors.
+        with torch.no_grad():
+            self.buffers[self.mean_name].lerp_(stats.mean.reshape(gain.shape), self.momentum)
+            self.buffers[self.var_name].lerp_(stats.var.reshape(gain.shape), self.momentum)
         return out
 
     def calibrate(self, x: Tensor) -> None:
