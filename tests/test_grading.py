@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import backprop_ninja
-from backprop_ninja import cli, data
+from backprop_ninja import cli
 from backprop_ninja.grading import BROADCAST_RULE, LectureTensors, grade, load_solution
 
 SOLUTIONS = Path(__file__).with_name("solutions")
@@ -27,14 +27,6 @@ WORDS = (
     "emma olivia ava isabella sophia charlotte mia amelia harper evelyn abigail emily elizabeth mila ella "
     "avery sofia camila aria scarlett victoria madison luna grace chloe penelope layla riley zoey nora"
 ).split()
-
-
-def _names_available() -> bool:
-    env = os.environ.get(data.DATA_ENV)
-    return bool(env and (Path(env) / data.NAMES_FILE).is_file()) or (data.cache_dir() / data.NAMES_FILE).is_file()
-
-
-needs_names = pytest.mark.skipif(not _names_available(), reason="names.txt is not available offline")
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +57,8 @@ def statuses(exercise) -> dict[str, str]:
 # a correct solution
 
 
-@needs_names
-def test_correct_solution_exits_0_on_the_lecture_shapes(capsys):
-    assert cli.main(["check", "--solution", str(CORRECT)]) == 0
+def test_correct_solution_exits_0_on_the_lecture_shapes(names_path, capsys):
+    assert cli.main(["check", "--solution", str(CORRECT)]) == 0  # names.txt found as the product finds it
     out = capsys.readouterr().out
     assert "(seed 2147483647, batch 32, hidden 64)" in out
     assert len(re.findall(r"\| approximate: ", out)) == 26 + 1 + 1
