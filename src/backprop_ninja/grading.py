@@ -678,10 +678,12 @@ def _source_line(err: BaseException, learner_files: set[str]) -> str | None:
 
 
 def _display_path(filename: str) -> str:
+    """Relative to the working directory when the file is under it, else as it is."""
     try:
-        return os.path.relpath(filename) if os.path.isabs(filename) else filename
+        relative = os.path.relpath(filename)
     except ValueError:  # another drive on Windows
         return filename
+    return relative if os.path.isabs(filename) and not relative.startswith("..") else filename
 
 
 def _one_line(err: BaseException) -> str:
