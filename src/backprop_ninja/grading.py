@@ -758,7 +758,10 @@ def run_exercise(args: argparse.Namespace) -> int:
     if not dest.parent.is_dir():
         raise UserError(f"{dest.parent}: no such directory")
     text = Path(__file__).with_name("solution_template.py").read_text(encoding="utf-8")
-    _atomic_write_text(dest, text)
+    try:
+        _atomic_write_text(dest, text)
+    except OSError as err:
+        raise UserError(f"{dest}: cannot write ({err.strerror})") from None
     print(f"wrote {dest}: fill in the gradients, one line at a time, then run")
     print(f"  backprop-ninja check --solution {shlex.quote(str(dest))}")
     return 0
