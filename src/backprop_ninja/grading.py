@@ -40,24 +40,13 @@ from torch import Tensor
 
 from backprop_ninja import lecture
 from backprop_ninja.check import LectureSetup, lecture_setup
-from backprop_ninja.compare import APPROX_ATOL, APPROX_RTOL, Row, compare, format_row
+from backprop_ninja.compare import APPROX_ATOL, APPROX_RTOL, ROUNDING_RTOL, Row, compare, format_row, within_rounding
 from backprop_ninja.errors import UserError
 from backprop_ninja.models import LECTURE_SEED
 
 # A gradient off by a constant factor k fits k * reference to float32 rounding (~1e-6 relative to
 # the largest entry); any other bug leaves residuals of order one. 1e-4 separates the two.
 FACTOR_FIT_RTOL = 1e-4
-# torch.allclose's absolute 1e-8 (the lecture's `approximate`) fails correct float32 gradients on
-# entries near 0 at small batches. A row is also right when maxdiff is within GRADE_RTOL of the
-# largest entry of its reference: correct solutions land at <= 5e-6 (measured over seeds, batch
-# 3..256, hidden 4..200); the smallest usual slip, n/(n-1) at n = 1000, is 1e-3.
-GRADE_RTOL = 1e-4
-# Rows whose exact gradient is 0: autograd's value is rounding noise, so their scale is the gradient
-# that flows into them.
-NOISE_ROWS = {
-    "logit_maxes": ("norm_logits", "subtracting a row's max does not change its softmax"),
-    "b1": ("hprebn", "BatchNorm subtracts the batch mean, and b1 with it"),
-}
 # How close the fitted k must be to a named factor (n, 1/n, n/(n-1), ...). n/(n-1) - 1 is 1e-3 even
 # at n = 1000, and a least-squares k over a whole tensor is good to ~1e-6.
 FACTOR_MATCH_RTOL = 1e-4
@@ -371,9 +360,7 @@ def grade_exercise(ex: Exercise, fn: Callable, s: LectureSetup, learner_files: s
 
 
 def _scale(name: str, s: LectureSetup) -> float:
-    """The size of the gradient that rounding errors in this row are relative to."""
-    source = NOISE_ROWS[name][0] if name in NOISE_ROWS else name
-    return float(s.reference[source].abs().max())
+    return lecture.gradient_scale(name, s.reference)
 
 
 def _gradients_by_name(returned: Any, warnings: list[str]) -> dict[str, Any]:
@@ -400,7 +387,7 @@ def _gradients_by_name(returned: Any, warnings: list[str]) -> dict[str, Any]:
 
 def grade_row(name: str, mine: Any, reference: Tensor, scale: float) -> GradedRow:
     """The lecture's row; its status adds what the row alone cannot say: shapes, and rounding on
-    entries near 0 (right when maxdiff <= GRADE_RTOL * scale, the largest gradient of its kind)."""
+    entries near 0 (right when maxdiff <= ROUNDING_RTOL * scale, the largest gradient of its kind)."""
     expected = tuple(reference.shape)
     if mine is None:
         return GradedRow(name, "missing", None, None, expected)
@@ -408,7 +395,7 @@ def grade_row(name: str, mine: Any, reference: Tensor, scale: float) -> GradedRo
         return GradedRow(name, "wrong", Row(name, False, False, math.nan), None, expected)
     row = compare(name, mine.detach(), reference)
     shape = tuple(mine.shape)
-    if not (row.approximate or row.maxdiff <= GRADE_RTOL * scale):  # nan compares False
+    if not within_rounding(row, scale):
         status = "wrong"
     elif shape == expected:
         status = "right"
@@ -613,8 +600,8 @@ def _shape_warning(name: str, shape: tuple[int, ...], expected: tuple[int, ...])
 
 def _rounding_note(r: GradedRow, scale: float) -> str:
     head = f"{r.name} is right: approximate says False, but maxdiff {r.row.maxdiff:.2g} is float32 rounding"
-    if r.name in NOISE_ROWS:
-        source, why = NOISE_ROWS[r.name]
+    if r.name in lecture.ZERO_GRADIENTS:
+        source, why = lecture.ZERO_GRADIENTS[r.name]
         return f"{head}. Its exact gradient is 0 ({why}): yours and autograd's are noise beside d{source}'s {scale:.2g}"
     return f"{head}, {r.row.maxdiff / scale:.1g} of its largest entry; allclose's absolute 1e-8 is strict near 0"
 
@@ -654,7 +641,7 @@ def _close(a: Tensor, b: Tensor) -> bool:
 
 
 def _atol(reference: Tensor) -> float:
-    return max(APPROX_ATOL, GRADE_RTOL * float(reference.abs().max())) if reference.numel() else APPROX_ATOL
+    return max(APPROX_ATOL, ROUNDING_RTOL * float(reference.abs().max())) if reference.numel() else APPROX_ATOL
 
 
 # ---------------------------------------------------------------------------------------------
