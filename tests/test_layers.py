@@ -34,11 +34,11 @@ def small_wavenet(g: torch.Generator) -> Sequential:
         Embedding(rand(V, E, g=g), name="C"),
         FlattenConsecutive(2),  # (B, 2, 2E)
         Linear(rand(2 * E, H, g=g) / 4, None, names=("W1", "b1")),
-        BatchNorm1d(rand(H, g=g) * 0.1 + 1, rand(H, g=g) * 0.1, names=("g1", "beta1"), buffer_names=("m1", "v1")),
+        BatchNorm1d(rand(H, g=g) * 0.1 + 1, rand(H, g=g) * 0.1, ("g1", "beta1"), ("m1", "v1")),
         Tanh(),
         FlattenConsecutive(2),  # (B, 2H)
         Linear(rand(2 * H, H, g=g) / 4, rand(H, g=g), names=("W2", "b2")),
-        BatchNorm1d(rand(H, g=g) * 0.1 + 1, rand(H, g=g) * 0.1, names=("g2", "beta2"), buffer_names=("m2", "v2")),
+        BatchNorm1d(rand(H, g=g) * 0.1 + 1, rand(H, g=g) * 0.1, ("g2", "beta2"), ("m2", "v2")),
         Tanh(),
         Linear(rand(H, V, g=g) / 3, rand(V, g=g), names=("W3", "b3")),
     ])  # fmt: skip

@@ -54,8 +54,9 @@ def test_deep_mlp_has_the_lectures_47024_parameters():
 def test_recipes_are_the_lectures():
     for name in NEW_MODELS:
         assert (MODELS[name].steps, MODELS[name].decay_at) == (200_000, 0.75)  # lr / 10 at 150,000
-    assert (MODELS["wavenet"].block_size, MODELS["wavenet"].n_embd, MODELS["wavenet"].n_hidden) == (8, 24, 128)
-    assert (MODELS["deep-mlp"].block_size, MODELS["deep-mlp"].n_embd, MODELS["deep-mlp"].n_hidden) == (3, 10, 100)
+    for name, shape in (("wavenet", (8, 24, 128)), ("deep-mlp", (3, 10, 100))):
+        spec = MODELS[name]
+        assert (spec.block_size, spec.n_embd, spec.n_hidden) == shape
 
 
 @pytest.mark.parametrize("name", NEW_MODELS)

@@ -30,6 +30,11 @@ FD_EPS = 1e-6
 FD_ATOL = 1e-5
 FD_RTOL = 1e-3
 
+# Hypothesis's shapes include batches of 2 and single features, where x - mean nearly cancels and
+# 1/sqrt(var + eps) amplifies the rounding: looser than AUTOGRAD_*, still 1e6 below a wrong formula.
+ANY_SHAPE_RTOL = 1e-8
+ANY_SHAPE_ATOL = 1e-9
+
 DOUBLE = torch.float64
 
 
@@ -186,7 +191,8 @@ def test_batchnorm_backward_matches_autograd_and_finite_differences(x_shape, gai
     x = rand(*x_shape, g=g) * 3 + 1
     gain, bias = rand(*gain_shape, g=g) * 0.1 + 1, rand(*gain_shape, g=g) * 0.1
     out, cache, _ = ops.batchnorm_forward(x, gain, bias)
-    torch.testing.assert_close(out, batchnorm_reference(x, gain, bias), rtol=AUTOGRAD_RTOL, atol=AUTOGRAD_ATOL)
+    reference = batchnorm_reference(x, gain, bias)
+    torch.testing.assert_close(out, reference, rtol=AUTOGRAD_RTOL, atol=AUTOGRAD_ATOL)
     dout = rand(*out.shape, g=g)
     mine = ops.batchnorm_backward(dout, cache)
 
@@ -230,9 +236,9 @@ def test_batchnorm_backward_matches_autograd_on_any_shape(batch, positions, widt
     gain, bias = rand(width, g=g), rand(width, g=g)
     out, cache, _ = ops.batchnorm_forward(x, gain, bias)
     dout = rand(*out.shape, g=g)
-    for grad, ref in zip(ops.batchnorm_backward(dout, cache), autograd_grads(batchnorm_reference, dout, x, gain, bias)):
-        # the (x - mean) terms cancel to rounding noise on tiny batches: an absolute floor as well
-        torch.testing.assert_close(grad, ref, rtol=1e-8, atol=1e-9)
+    references = autograd_grads(batchnorm_reference, dout, x, gain, bias)
+    for grad, ref in zip(ops.batchnorm_backward(dout, cache), references):
+        torch.testing.assert_close(grad, ref, rtol=ANY_SHAPE_RTOL, atol=ANY_SHAPE_ATOL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,7 +195,8 @@ class TrainingMonitor:
             if len(logs) < WARN_AFTER:
                 continue
             if min(logs) > high or max(logs) < low:
-                side = "too large: lower the learning rate" if min(logs) > high else "too small: it barely learns"
+                too_large = min(logs) > high
+                side = "too large: lower the learning rate" if too_large else "too small: it barely learns"
                 found[f"update:{name}"] = (
                     f"warning: {name} update:data ratio 10^{logs[-1]:.1f} over {steps}, "
                     f"far from the guide 10^{UPDATE_RATIO_GUIDE:.0f}; the steps are {side}"
@@ -211,14 +212,19 @@ class TrainingMonitor:
         if not self.records:
             return []
         run_dir = Path(run_dir)
-        step = self.records[-1].step
+        last = self.records[-1]
+
+        def activations(fig) -> None:
+            title = f"tanh output distribution at step {last.step}"
+            _histograms(fig, self.last_tanh, title, lambda k: _tanh_legend(k, last))
+
+        def gradients(fig) -> None:
+            title = f"weight gradient distribution at step {last.step}"
+            _histograms(fig, self.last_grads, title, lambda k: _weight_legend(k, self.model, last))
+
         written = [
-            _save(run_dir / "activations.png",
-                  lambda fig: _histograms(fig, self.last_tanh, f"tanh output distribution at step {step}",
-                                          lambda k: _tanh_legend(k, self.records[-1]))),
-            _save(run_dir / "gradients.png",
-                  lambda fig: _histograms(fig, self.last_grads, f"weight gradient distribution at step {step}",
-                                          lambda k: _weight_legend(k, self.model, self.records[-1]))),
+            _save(run_dir / "activations.png", activations),
+            _save(run_dir / "gradients.png", gradients),
             _save(run_dir / "update-ratio.png", lambda fig: _update_lines(fig, self.records)),
         ]
         return written

@@ -134,10 +134,12 @@ class BatchNorm1d(Layer):
         out, self.cache, stats = ops.batchnorm_forward(x, gain, bias, self.eps)  # (B, H)
         # running += momentum * (batch - running): the lectures' (1 - momentum) * running +
         # momentum * batch as one fused in-place op (as fast.py does; the two round differently in
-        # the last bit). In place: the model's buffers dict holds these very tensors.
+        # the last bit). In place: the model's buffers dict holds these very tensors, which keep
+        # their dtype when a check runs float64 parameters through a float32 model.
         with torch.no_grad():
-            self.buffers[self.mean_name].lerp_(stats.mean.reshape(gain.shape), self.momentum)
-            self.buffers[self.var_name].lerp_(stats.var.reshape(gain.shape), self.momentum)
+            for name, batch_stat in ((self.mean_name, stats.mean), (self.var_name, stats.var)):
+                running = self.buffers[name]  # shaped like gain
+                running.lerp_(batch_stat.reshape(running.shape).to(running.dtype), self.momentum)
         return out
 
     def calibrate(self, x: Tensor) -> None:

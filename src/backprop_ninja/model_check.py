@@ -124,7 +124,9 @@ class NumericalRow(NamedTuple):
                 f"| entries: {self.entries} of {self.numel}")
 
 
-def numerical_rows(model: Model, Xb: Tensor, Yb: Tensor, seed: int, entries: int = FD_ENTRIES) -> list[NumericalRow]:
+def numerical_rows(
+    model: Model, Xb: Tensor, Yb: Tensor, seed: int, entries: int = FD_ENTRIES
+) -> list[NumericalRow]:
     """The hand-written float64 gradient of each parameter against central finite differences."""
     net = model.net
     params64 = {k: p.detach().double() for k, p in model.params.items()}  # fresh copies

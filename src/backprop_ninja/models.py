@@ -237,10 +237,14 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(build_mlp, block_size=3, n_embd=10, n_hidden=200, steps=200_000, decay_at=0.5,
                      summary="makemore part 4: embedding, Linear, BatchNorm, tanh, Linear"),
-    "deep-mlp": ModelSpec(build_deep_mlp, block_size=3, n_embd=10, n_hidden=100, steps=200_000, decay_at=0.75,
-                          summary="makemore part 3: embedding, 5 x (Linear, BatchNorm, tanh), Linear, BatchNorm"),
-    "wavenet": ModelSpec(build_wavenet, block_size=8, n_embd=24, n_hidden=128, steps=200_000, decay_at=0.75,
-                         summary="makemore part 5: embedding, 3 x (flatten pairs, Linear, BatchNorm, tanh), Linear"),
+    "deep-mlp": ModelSpec(
+        build_deep_mlp, block_size=3, n_embd=10, n_hidden=100, steps=200_000, decay_at=0.75,
+        summary="makemore part 3: embedding, 5 x (Linear, BatchNorm, tanh), Linear, BatchNorm",
+    ),
+    "wavenet": ModelSpec(
+        build_wavenet, block_size=8, n_embd=24, n_hidden=128, steps=200_000, decay_at=0.75,
+        summary="makemore part 5: embedding, 3 x (flatten pairs, Linear, BatchNorm, tanh), Linear",
+    ),
 }
 
 
