@@ -135,9 +135,10 @@ def test_train_fast_and_eager_reach_the_same_model(write_words, tmp_path):
 
 
 def test_bench_worker_runs_in_its_own_process():
-    result = bench.measure_in_subprocess("fast", 32, steps=5, threads=1)
-    assert (result.loop, result.batch_size, result.steps, result.threads) == ("fast", 32, 5, 1)
-    assert result.us_per_step > 0 and result.peak_mib >= 0
+    steps = 2 * bench.BLOCKS
+    result = bench.measure_in_subprocess("fast", 32, steps=steps, threads=1)
+    assert (result.loop, result.batch_size, result.steps, result.threads) == ("fast", 32, steps, 1)
+    assert result.us_per_step > 0 and result.cpu_us_per_step > 0 and result.peak_mib >= 0
 
 
 def test_bench_runs_every_loop_at_both_batch_sizes(capsys, monkeypatch):
@@ -152,4 +153,4 @@ def test_bench_runs_every_loop_at_both_batch_sizes(capsys, monkeypatch):
     table = bench.format_table(results, report["machine"])
     for label in bench.LABELS.values():
         assert table.count(label) == 2
-    assert "faster than autograd" in table
+    assert "the autograd step's time" in table
