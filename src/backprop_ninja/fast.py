@@ -9,14 +9,17 @@ flops. This stepper computes the same step in about 40 torch calls, each chosen 
 - tanh's backward 1 - h**2 as one fused multiply-add (addcmul), bit for bit the float64 detour
   of `ops.one_minus_square` without the detour;
 - dlogits from log_softmax (the loss is `F.nll_loss(log_softmax)`, which is F.cross_entropy);
-- the updates of all parameters and of the BatchNorm running statistics as `torch._foreach_*` calls.
+- each update applied where its gradient is made: W -= lr * x.T @ dout inside the matmul
+  (addmm_), C's rows scatter-added straight into C (index_add_ with alpha=-lr), the four vectors
+  and the two BatchNorm running statistics in one `torch._foreach_*` call each;
+- one thread for small steps (see `threads_for`), the caller's setting restored after each step.
 
-It agrees with the eager path to float32 rounding (see tests/test_fast.py for the tolerances), not
-bit for bit: the variance and BatchNorm's backward sum in another order. `check` keeps proving the
-readable ops; the tests prove this stepper against them.
+It agrees with the eager path to float32 rounding, not bit for bit: the variance, the BatchNorm
+backward and the updates round in another order (tests/test_fast.py names the tolerances).
+`check` keeps proving the readable ops; the tests prove this stepper against them.
 
-    stepper = make_fast_stepper(model)        # None if the model is not the lecture MLP's shape
-    loss = stepper.step(Xb, Yb, lr)           # same contract as train.EagerStepper.step
+    stepper = make_fast_stepper(model, batch_size)   # None unless the model is the lecture MLP
+    loss = stepper.step(Xb, Yb, lr)                  # same contract as train.EagerStepper.step
 
 Shapes: B batch, T block size, E embedding width, H hidden width, V vocabulary size.
 """
@@ -34,9 +37,10 @@ from backprop_ninja.models import Model
 MLP_LAYERS = (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, Linear)
 
 
-# Below this many hidden activations per step (B * H) a step runs on one thread: the work of each
-# op is too small to split, and handing it to a second thread costs more than it saves (measured
-# in docs/speed.md; the default batch of 32 x 200 is 6,400).
+# Below this many hidden activations per step (B * H) a step runs on one thread: each op's work is
+# too small to split, and handing half of it to a second thread costs more than it saves (on the
+# 2-core machine of docs/speed.md the lecture's 32 x 200 step is several times faster on one
+# thread). Larger steps keep torch's setting (e.g. OMP_NUM_THREADS), where splitting can pay.
 SINGLE_THREAD_BELOW = 65_536
 
 
@@ -80,6 +84,8 @@ class FastMLPStepper:
         self.momentum, self.eps = batchnorm.momentum, batchnorm.eps
         self.vectors = [self.b1, self.b2, self.gain, self.bias]  # updated by one _foreach_add_
         self.threads = threads_for(batch_size, self.W1.shape[1])
+        self._minus_ones: Tensor | None = None  # (B, 1) of -1: the one-hot subtracted from softmax
+        self._ones: Tensor | None = None  # (B, H) of 1: 1 - h*h as addcmul(ones, h, h, value=-1)
 
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         """One SGD step on the batch (Xb (B, T) int64, Yb (B,) int64); returns the loss (0-d)."""
@@ -95,7 +101,7 @@ class FastMLPStepper:
         n = Xb.shape[0]
 
         # forward ---------------------------------------------------------------------------
-        idx = Xb.view(-1)  # (B*T,)
+        idx = Xb.reshape(-1)  # (B*T,)
         embcat = C.index_select(0, idx).view(n, -1)  # (B, T*E) emb = C[Xb], concatenated
         hprebn = torch.addmm(b1, embcat, W1)  # (B, H) embcat @ W1 + b1
         mean = hprebn.mean(0, keepdim=True)  # (1, H)
@@ -111,13 +117,17 @@ class FastMLPStepper:
         # backward, each gradient applied as soon as nothing else needs the old parameter ----
         # loss = -mean(logprobs[i, Y[i]]): dlogits = (softmax - one_hot(Y)) / n
         dlogits = logprobs.exp_()  # (B, V) the probabilities, in the log-probabilities' storage
-        dlogits.scatter_add_(1, Yb.view(n, 1), self._minus_ones(n, dlogits)).div_(n)  # (B, V)
+        if self._minus_ones is None or self._minus_ones.shape[0] != n:
+            self._minus_ones = torch.full((n, 1), -1.0, dtype=dlogits.dtype, device=dlogits.device)
+        dlogits.scatter_add_(1, Yb.view(n, 1), self._minus_ones).div_(n)  # (B, V)
         # logits = h @ W2 + b2
         db2 = dlogits.sum(0)  # (V,)
         dh = torch.mm(dlogits, W2.t())  # (B, H)
         W2.addmm_(h.t(), dlogits, alpha=-lr)  # W2 -= lr * dW2, dW2 = h.T @ dlogits (H, V)
         # h = tanh(hpreact): dhpreact = (1 - h**2) * dh, 1 - h*h in one rounding (fused multiply-add)
-        dhpreact = torch.addcmul(self._ones(h), h, h, value=-1).mul_(dh)  # (B, H)
+        if self._ones is None or self._ones.shape != h.shape:
+            self._ones = torch.ones_like(h)
+        dhpreact = torch.addcmul(self._ones, h, h, value=-1).mul_(dh)  # (B, H)
         # hpreact = gain * bnraw + bias, bnraw = (hprebn - mean) * var_inv: ops.batchnorm_backward,
         # dhprebn = gain * var_inv * (dhpreact - dbias / n - bnraw * dgain / (n - 1))
         dbias = dhpreact.sum(0, keepdim=True)  # (1, H)
@@ -131,19 +141,6 @@ class FastMLPStepper:
         # emb = C[Xb]: each looked-up row of C gets the sum of its gradients, here times -lr
         C.index_add_(0, idx, dembcat.view(idx.shape[0], -1), alpha=-lr)  # (V, E)
         torch._foreach_add_(self.vectors, [db1, db2, dgain, dbias], alpha=-lr)
-        # running statistics: running += momentum * (batch - running), as BatchNorm1d
+        # running statistics: running += momentum * (batch - running), BatchNorm1d's update via lerp
         torch._foreach_lerp_(self.running, [mean, var], self.momentum)
         return loss
-
-    # constant tensors, made once per batch size
-    def _minus_ones(self, n: int, like: Tensor) -> Tensor:
-        cached = getattr(self, "_minus_ones_cache", None)
-        if cached is None or cached.shape[0] != n:
-            cached = self._minus_ones_cache = torch.full((n, 1), -1.0, dtype=like.dtype, device=like.device)
-        return cached
-
-    def _ones(self, like: Tensor) -> Tensor:
-        cached = getattr(self, "_ones_cache", None)
-        if cached is None or cached.shape != like.shape:
-            cached = self._ones_cache = torch.ones_like(like)
-        return cached
