@@ -97,8 +97,10 @@ class RunInfo:
                 _check_type(getattr(info, name), kind, name)
             if info.input is not None:
                 _check_type(info.input, str, "input")
-            if not (0 <= info.step <= info.steps and info.batch_size >= 2 and info.lr > 0):
-                raise ValueError(f"step {info.step} of {info.steps}, batch size {info.batch_size}, lr {info.lr}")
+            if not 0 <= info.step <= info.steps:
+                raise ValueError(f"step {info.step} is not within 0..steps ({info.steps})")
+            if info.batch_size < 2 or info.lr <= 0 or info.max_word_len < 1:
+                raise ValueError(f"batch_size {info.batch_size}, lr {info.lr}, max_word_len {info.max_word_len}")
         except (TypeError, ValueError) as err:
             raise UserError(f"{where}: corrupt run record ({err})") from None
         return info

@@ -272,8 +272,8 @@ def format_losses(losses: dict[str, float | None]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from backprop_ninja.sampling import MAX_LEN_FACTOR, sample_words
     from backprop_ninja.fast import make_stepper  # the fast step where the model has one
+    from backprop_ninja.sampling import MAX_LEN_FACTOR, sample_words
 
     device = checkpoint.resolve_device(args.device)
     model_name = args.model or DEFAULT_MODEL
@@ -283,10 +283,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, info, g, losses, data = start(args, model_name, device)
     X, Y = data.dataset.train.X.to(device), data.dataset.train.Y.to(device)  # (N, T), (N,)
+    saved_step = info.step if args.resume else None
 
     def save(step: int, **changes) -> None:
-        generator_state = g.get_state()
-        checkpoint.save(run_dir, model, replace(info, step=step, **changes), generator_state, losses[:step])
+        nonlocal saved_step
+        checkpoint.save(run_dir, model, replace(info, step=step, **changes), g.get_state(), losses[:step])
+        saved_step = step
 
     progress = Progress(info.step, info.steps)
     try:
@@ -304,7 +306,9 @@ def run(args: argparse.Namespace) -> int:
                 return 130  # the shell's code for "stopped by SIGINT": `make` and scripts do not go on
     except TrainingStopped as err:
         progress.close()
-        raise TrainingStopped(f"{err} (the last good checkpoint in {run_dir} is kept)") from None
+        kept = ("no checkpoint was saved" if saved_step is None
+                else f"the checkpoint of step {saved_step} in {run_dir} is kept")
+        raise TrainingStopped(f"{err}; {kept}") from None
     progress.close()
 
     with torch.no_grad():
@@ -314,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
         write_plots(run_dir, losses)
     print(format_losses(evaluate(model, data.dataset)))
     g_sample = torch.Generator().manual_seed(SAMPLE_SEED)
-    for word in sample_words(model, info.vocab, NUM_SAMPLES_AT_END, g_sample, max_len=MAX_LEN_FACTOR * info.max_word_len):
+    max_len = MAX_LEN_FACTOR * info.max_word_len
+    for word in sample_words(model, info.vocab, NUM_SAMPLES_AT_END, g_sample, max_len=max_len):
         print(word)
     return 0
 

@@ -1,0 +1,174 @@
+"""The training loop: hand-written gradients track autograd, the lecture's batch stream, the checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backprop_ninja import train
+from backprop_ninja.checkpoint import RunInfo
+from backprop_ninja.data import load_dataset
+from backprop_ninja.models import MODELS, ModelConfig, build_model, get_spec
+from backprop_ninja.train import EagerStepper, TrainingStopped, evaluate, lr_at, train_steps
+
+WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "amelia", "harper", "evelyn",
+         "abigail", "emily", "elizabeth", "mila", "ella", "avery", "sofia", "camila", "aria", "scarlett"]
+
+# Parameters after 240 SGD steps (the MLP), hand-written vs autograd gradients: each step's gradients agree
+# to ~1e-8 (float32 rounding of two summation orders); 240 steps of lr 0.1 amplify that to ~1e-6.
+# A wrong gradient anywhere drifts by 1e-2 or more within a few steps.
+TRACK_RTOL = 1e-4
+TRACK_ATOL = 1e-5
+
+
+class AutogradStepper:
+    """The reference step: the same SGD update, with the gradients of torch autograd."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def step(self, Xb, Yb, lr):
+        loss, grads = self.model.autograd_loss_and_grads(Xb, Yb)
+        for name, p in self.model.params.items():
+            p.add_(grads[name], alpha=-lr)
+        return loss
+
+
+def setup(write_words, model_name="mlp", steps=240, words=WORDS, seed=7, **shape):
+    """A small model, its generator (already past the initialisation draws) and the run record."""
+    spec = get_spec(model_name)
+    shape = {"block_size": spec.block_size, "n_embd": 5, "n_hidden": 11} | shape
+    ds = load_dataset(write_words(words), shape["block_size"])
+    config = ModelConfig(model_name, ds.vocab.size, **shape)
+    g = torch.Generator().manual_seed(seed)
+    model = build_model(config, g)
+    info = RunInfo(config=config, chars=ds.vocab.chars, input=None, input_sha256="", max_word_len=9, seed=seed,
+                   batch_size=9, lr=0.1, decay_at=spec.decay_at, steps=steps, step=0, calibrated=False)
+    losses = torch.full((steps,), math.nan)
+    return model, g, info, losses, ds
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# the lecture's MLP for >= 200 steps; every other model of the registry for fewer, to stay fast
+TRACKED = [("mlp", 240)] + [(name, 60) for name in sorted(MODELS) if name != "mlp"]
+
+
+@pytest.mark.parametrize("model_name, steps", TRACKED)
+def test_hand_written_training_tracks_autograd_training(write_words, model_name, steps):
+    mine, g_mine, info, losses_mine, ds = setup(write_words, model_name, steps=steps)
+    ref, g_ref, _, losses_ref, _ = setup(write_words, model_name, steps=steps)
+    X, Y = ds.train
+    train_steps(mine, EagerStepper(mine), X, Y, g_mine, losses_mine, info)
+    train_steps(ref, AutogradStepper(ref), X, Y, g_ref, losses_ref, info)
+    torch.testing.assert_close(losses_mine, losses_ref, rtol=TRACK_RTOL, atol=TRACK_ATOL)
+    for name in ref.params:
+        torch.testing.assert_close(mine.params[name], ref.params[name], rtol=TRACK_RTOL, atol=TRACK_ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert losses_mine[-10:].mean() < losses_mine[:10].mean()  # and it learned something
+
+
+def test_batches_are_drawn_from_the_initialisation_generator_as_the_lecture(write_words):
+    model, g, info, losses, ds = setup(write_words, steps=25)
+    X, Y = ds.train
+    g_lecture = torch.Generator().set_state(g.get_state())
+    drawn = []
+    stepper = EagerStepper(model)
+
+    class Recording:
+        def step(self, Xb, Yb, lr):
+            drawn.append((Xb.clone(), Yb.clone()))
+            return stepper.step(Xb, Yb, lr)
+
+    train_steps(model, Recording(), X, Y, g, losses, info)
+    for Xb, Yb in drawn:
+        ix = torch.randint(0, X.shape[0], (info.batch_size,), generator=g_lecture)  # the lecture's line
+        assert torch.equal(Xb, X[ix]) and torch.equal(Yb, Y[ix])
+    assert torch.equal(g.get_state(), g_lecture.get_state())
+
+
+def test_learning_rate_drops_tenfold_at_the_recipe_point():
+    info = RunInfo(config=ModelConfig(), chars=("a",), input=None, input_sha256="", max_word_len=1, seed=0,
+                   batch_size=32, lr=0.1, decay_at=0.5, steps=200_000, step=0, calibrated=False)
+    assert lr_at(0, info) == lr_at(99_999, info) == 0.1  # `lr = 0.1 if i < 100000 else 0.01`
+    assert lr_at(100_000, info) == lr_at(199_999, info) == 0.1 / 10
+
+
+def test_verify_every_leaves_training_bit_exact(write_words):
+    plain, g_plain, info, losses_plain, ds = setup(write_words, steps=30)
+    verified, g_verified, _, losses_verified, _ = setup(write_words, steps=30)
+    X, Y = ds.train
+    train_steps(plain, EagerStepper(plain), X, Y, g_plain, losses_plain, info)
+    train_steps(verified, EagerStepper(verified), X, Y, g_verified, losses_verified, info, verify_every=1)
+    assert torch.equal(losses_plain, losses_verified)
+    for name, p in plain.params.items():
+        assert torch.equal(p, verified.params[name]), name
+    for name, b in plain.buffers.items():  # the verification pass does not move the running statistics
+        assert torch.equal(b, verified.buffers[name]), name
+
+
+@pytest.mark.parametrize("broken", [("b2",), ("W1", "b2")])
+def test_verify_every_names_the_first_parameter_that_disagrees(write_words, broken):
+    model, g, info, losses, ds = setup(write_words, steps=30)
+    correct = model.loss_and_grads
+
+    def stale(X, Y):  # the bug class of seed 004: a gradient a little off
+        loss, grads = correct(X, Y)
+        return loss, {k: v * 1.01 if k in broken else v for k, v in grads.items()}
+
+    model.loss_and_grads = stale
+    X, Y = ds.train
+    with pytest.raises(TrainingStopped, match=rf"at step 0: d{broken[0]} disagrees .*maxdiff") as err:
+        train_steps(model, EagerStepper(model), X, Y, g, losses, info, verify_every=10,
+                    save=lambda step: None)
+    assert "\n" not in str(err.value)
+
+
+def test_a_non_finite_loss_stops_training_naming_its_step(write_words):
+    model, g, info, losses, ds = setup(write_words, steps=300)
+    stepper = EagerStepper(model)
+    saved = []
+
+    class Diverging:
+        calls = 0
+
+        def step(self, Xb, Yb, lr):
+            self.calls += 1
+            if self.calls == 138:  # step 137 breaks the model
+                model.params["W2"].fill_(math.nan)
+            return stepper.step(Xb, Yb, lr)
+
+    X, Y = ds.train
+    train.SAVE_EVERY, saved_every = 100, train.SAVE_EVERY
+    try:
+        with pytest.raises(TrainingStopped, match=r"the loss is nan at step 137"):
+            train_steps(model, Diverging(), X, Y, g, losses, info, save=saved.append)
+    finally:
+        train.SAVE_EVERY = saved_every
+    assert saved == [100]  # the checkpoint of step 100 was written; nothing after the NaN
+
+
+def test_evaluate_reports_an_empty_split_as_none(write_words):
+    model, _, _, _, ds = setup(write_words, words=["ab", "cd", "ef"])
+    assert ds.val.X.shape[0] == 0  # three words: 2 train, 0 val, 1 test
+    result = evaluate(model, ds)
+    assert result["val"] is None
+    assert math.isfinite(result["train"]) and math.isfinite(result["test"])
+
+
+def test_evaluate_in_chunks_equals_one_pass(write_words, monkeypatch):
+    model, _, _, _, ds = setup(write_words)
+    whole = evaluate(model, ds)
+    monkeypatch.setattr(train, "EVAL_CHUNK", 7)
+    chunked = evaluate(model, ds)
+    for split in whole:  # float32 per-row losses, summed in float64: only the summation order differs
+        assert chunked[split] == pytest.approx(whole[split], rel=1e-6)
