@@ -108,11 +108,9 @@ def verify_gradients(model: Model, Xb: Tensor, Yb: Tensor, step: int) -> None:
         if grad is None:
             raise TrainingStopped(f"gradient check failed at step {step}: the backward pass gave no gradient "
                                   f"for {name}")
-        row = compare(name, grad, ref)
-        within = row.maxdiff == row.maxdiff and bool(
-            ((grad - ref).abs() <= VERIFY_ATOL + VERIFY_RTOL * ref.abs()).all()
-        )
-        if not within:
+        row = compare(name, grad, ref)  # maxdiff is nan for shapes that do not broadcast
+        agrees = grad.shape == ref.shape and bool(((grad - ref).abs() <= VERIFY_ATOL + VERIFY_RTOL * ref.abs()).all())
+        if not agrees:
             raise TrainingStopped(
                 f"gradient check failed at step {step}: d{name} disagrees with autograd "
                 f"(maxdiff {row.maxdiff:.3g}, allowed {VERIFY_ATOL:g} + {VERIFY_RTOL:g}*|autograd|)"
@@ -278,10 +276,8 @@ def run(args: argparse.Namespace) -> int:
     device = checkpoint.resolve_device(args.device)
     model_name = args.model or DEFAULT_MODEL
     run_dir = Path(args.out or f"runs/{model_name}")
-    if args.resume:
-        model, info, g, losses, data = resume(run_dir, args, device)
-    else:
-        model, info, g, losses, data = start(args, model_name, device)
+    run_state = resume(run_dir, args, device) if args.resume else start(args, model_name, device)
+    model, info, g, losses, data = run_state
     X, Y = data.dataset.train.X.to(device), data.dataset.train.Y.to(device)  # (N, T), (N,)
     saved_step = info.step if args.resume else None
 
@@ -324,7 +320,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def start(args: argparse.Namespace, model_name: str, device: torch.device):
+class Run(NamedTuple):
+    """A run about to train: its model, record, batch generator, losses (steps,) and data."""
+
+    model: Model
+    info: RunInfo
+    g: torch.Generator
+    losses: Tensor  # (info.steps,) float32; [:info.step] done, NaN after
+    data: RunData
+
+
+def start(args: argparse.Namespace, model_name: str, device: torch.device) -> Run:
+    """A new run: the model's defaults, overridden by the options given."""
     spec = get_spec(model_name)
     block_size = args.block_size or spec.block_size
     data = load_run_data(args.input, block_size)
@@ -343,10 +350,11 @@ def start(args: argparse.Namespace, model_name: str, device: torch.device):
         steps=steps, step=0, calibrated=False,
     )
     losses = torch.full((steps,), math.nan, device=device)  # (steps,)
-    return model, info, g, losses, data
+    return Run(model, info, g, losses, data)
 
 
-def resume(run_dir: Path, args: argparse.Namespace, device: torch.device):
+def resume(run_dir: Path, args: argparse.Namespace, device: torch.device) -> Run:
+    """The run in run_dir, exactly where it stopped, heading for --steps (default: its own)."""
     ckpt = checkpoint.load(run_dir, device)
     info = ckpt.info
     config = info.config
@@ -370,7 +378,7 @@ def resume(run_dir: Path, args: argparse.Namespace, device: torch.device):
     g = torch.Generator().set_state(ckpt.generator_state)
     losses = torch.full((steps,), math.nan, device=device)  # (steps,)
     losses[: info.step] = ckpt.losses.to(device)
-    return ckpt.model, replace(info, steps=steps, input=data.input), g, losses, data
+    return Run(ckpt.model, replace(info, steps=steps, input=data.input), g, losses, data)
 
 
 def check_trainable(data: RunData) -> None:
