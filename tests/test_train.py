@@ -172,3 +172,17 @@ def test_evaluate_in_chunks_equals_one_pass(write_words, monkeypatch):
     chunked = evaluate(model, ds)
     for split in whole:  # float32 per-row losses, summed in float64: only the summation order differs
         assert chunked[split] == pytest.approx(whole[split], rel=1e-6)
+
+
+def test_loss_curve_is_the_lecture_mean_log10_loss_per_1000_steps():
+    from backprop_ninja.plots import loss_curve
+
+    losses = torch.rand(2500, generator=torch.Generator().manual_seed(0)) + 1.5  # (2500,)
+    x, y = loss_curve(losses)
+    assert x.tolist() == [0, 1000, 2000]
+    lecture = losses[:2000].double().log10().view(-1, 1000).mean(1)  # torch.tensor(lossi).view(-1, 1000).mean(1)
+    torch.testing.assert_close(y[:2], lecture, rtol=0, atol=0)  # the same reduction: bit for bit
+    assert float(y[2]) == pytest.approx(float(losses[2000:].double().log10().mean()))  # the partial group
+    x, y = loss_curve(losses[:30])  # shorter than one group: step by step
+    assert x.tolist() == list(range(30))
+    torch.testing.assert_close(y, losses[:30].double().log10(), rtol=0, atol=0)
