@@ -64,14 +64,14 @@ def measure(loop: str, batch_size: int, steps: int, threads: int | None = None) 
     threads: torch's thread count for the autograd and eager loops (default: torch's own).
     """
     import torch
-
-    if threads is not None:
-        torch.set_num_threads(threads)
     import torch.nn.functional as F
 
     from backprop_ninja.fast import make_fast_stepper
     from backprop_ninja.models import ModelConfig, build_model
     from backprop_ninja.train import EagerStepper
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     g = torch.Generator().manual_seed(SEED)
     config = ModelConfig("mlp", vocab_size=27, block_size=3, n_embd=10, n_hidden=200)
