@@ -35,7 +35,7 @@ def word_file(tmp_path):
 
 
 def check_args(model: str, word_file: str, **changes) -> argparse.Namespace:
-    args = dict(model=model, seed=2147483647, batch_size=5, hidden=64, input=word_file, numerical=False)
+    args = dict(model=model, seed=2147483647, batch_size=5, hidden=None, input=word_file, numerical=False)
     return argparse.Namespace(**(args | changes))
 
 
@@ -153,10 +153,10 @@ def test_check_table_has_a_row_per_layer_output_and_parameter_all_approximate(na
 
 
 def test_check_uses_the_models_own_width_unless_hidden_is_given(word_file, capsys):
-    model_check.run_model_check(check_args("wavenet", word_file))  # --hidden left at the lecture's 64
+    model_check.run_model_check(check_args("wavenet", word_file))  # no --hidden
     assert "n_hidden 128," in capsys.readouterr().out
-    model_check.run_model_check(check_args("wavenet", word_file, hidden=12))
-    assert "n_hidden 12," in capsys.readouterr().out
+    model_check.run_model_check(check_args("wavenet", word_file, hidden=64))
+    assert "n_hidden 64," in capsys.readouterr().out
 
 
 def test_check_exits_non_zero_when_a_backward_is_wrong(word_file, monkeypatch, capsys):

@@ -19,6 +19,8 @@ from backprop_ninja.compare import Row, compare, compare_all, format_row, within
 from backprop_ninja.data import load_dataset
 from backprop_ninja.models import ModelConfig, build_model
 
+LECTURE_HIDDEN = 64  # the lecture checks its gradients on a 64-wide network (4137 parameters)
+
 
 class LectureSetup(NamedTuple):
     """One batch of the lecture's check: the parameters, the batch, the forward pass, autograd."""
@@ -31,7 +33,7 @@ class LectureSetup(NamedTuple):
 
 
 def lecture_setup(
-    seed: int = 2147483647, batch_size: int = 32, n_hidden: int = 64, input_path: str | None = None,
+    seed: int = 2147483647, batch_size: int = 32, n_hidden: int = LECTURE_HIDDEN, input_path: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> LectureSetup:
     """The lecture's cells: parameters, then `ix = torch.randint(...)` from the same generator."""
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_model_check(args)
 
-    setup = lecture_setup(args.seed, args.batch_size, args.hidden, args.input)
+    setup = lecture_setup(args.seed, args.batch_size, args.hidden or LECTURE_HIDDEN, args.input)
     ok = True
     for heading, rows in lecture_rows(setup).items():
         print(heading)

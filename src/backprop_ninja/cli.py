@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="mlp", help="the lecture network (mlp) or a model of `train --model`")
     g.add_argument("--seed", type=int, default=LECTURE_SEED, help="seed of the initialisation and batch")
     g.add_argument("--batch-size", type=batch_size_type, default=32, help="examples in the batch")
-    g.add_argument("--hidden", type=positive_int, default=64, help="hidden width of the lecture MLP")
+    g.add_argument("--hidden", type=positive_int,
+                   help="hidden width (default: 64 for the lecture's mlp, the model's own for the others)")
     g.add_argument("--input", metavar="FILE", help="word list (default: the names data set)")
     g = p.add_argument_group("what to check")
     g.add_argument("--numerical", action="store_true",

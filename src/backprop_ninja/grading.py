@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backprop_ninja import lecture
-from backprop_ninja.check import LectureSetup, lecture_setup
+from backprop_ninja.check import LECTURE_HIDDEN, LectureSetup, lecture_setup
 from backprop_ninja.compare import APPROX_ATOL, APPROX_RTOL, ROUNDING_RTOL, Row, compare, format_row, within_rounding
 from backprop_ninja.errors import UserError
 from backprop_ninja.models import LECTURE_SEED
@@ -279,7 +279,7 @@ def grade(
     file: str | os.PathLike | None = None,
     seed: int = LECTURE_SEED,
     batch_size: int = 32,
-    n_hidden: int = 64,
+    n_hidden: int = LECTURE_HIDDEN,
     input: str | os.PathLike | None = None,
     verbose: bool = True,
 ) -> GradeResult:
@@ -730,8 +730,8 @@ def run_check_solution(args: argparse.Namespace) -> int:
         raise UserError(f"--solution grades the lecture network; --model {args.model} does not apply")
     if args.numerical:
         raise UserError("--solution and --numerical do not combine: the grader compares with autograd")
-    result = grade(file=args.solution, seed=args.seed, batch_size=args.batch_size, n_hidden=args.hidden,
-                   input=args.input)  # fmt: skip
+    hidden = args.hidden or LECTURE_HIDDEN
+    result = grade(file=args.solution, seed=args.seed, batch_size=args.batch_size, n_hidden=hidden, input=args.input)
     return result.exit_code
 
 

@@ -14,9 +14,8 @@ in float64, see CHECK_DTYPE):
 `L13 Linear` is d loss / d (output of layer 13, a Linear); L0 is the embedding. The exit code is
 non-zero if any row is not approximate.
 
-Shapes come from the model's registry defaults. `--hidden` defaults to 64, the lecture's check
-width; for the other models 64 means "the model's own width" (128 for wavenet), so that the
-network checked is the network `train --model NAME` builds. Any other --hidden is used as given.
+Shapes come from the model's registry defaults, so that the network checked is the network
+`train --model NAME` builds; `--hidden` changes the hidden width.
 
 `--numerical` adds float64 central finite differences on a few entries of every parameter, drawn
 by a seeded generator: a check that needs nothing but the forward pass.
@@ -36,8 +35,6 @@ from backprop_ninja.compare import Row, compare, format_row
 from backprop_ninja.data import load_dataset
 from backprop_ninja.layers import Layer
 from backprop_ninja.models import Model, ModelConfig, build_model, get_spec
-
-LECTURE_CHECK_HIDDEN = 64  # the CLI's default --hidden: the lecture's width, not a request
 
 # The table compares in float64. In float32 the hand-written and autograd sums run in different
 # orders (e.g. a 3-D Linear's dW: one (F, B*T) @ (B*T, H) product against autograd's), and their
@@ -165,8 +162,7 @@ def numerical_rows(
 
 def run_model_check(args: argparse.Namespace) -> int:
     spec = get_spec(args.model)
-    n_hidden = None if args.hidden in (None, LECTURE_CHECK_HIDDEN) else args.hidden
-    model, Xb, Yb = model_setup(args.model, args.seed, args.batch_size, n_hidden, args.input)
+    model, Xb, Yb = model_setup(args.model, args.seed, args.batch_size, args.hidden, args.input)
     c = model.config
     print(f"{c.model} ({spec.summary})")
     print(f"block_size {c.block_size}, n_embd {c.n_embd}, n_hidden {c.n_hidden}, "

@@ -88,9 +88,9 @@ def numerical_rows(params: dict[str, Tensor], Xb: Tensor, Yb: Tensor) -> list[Nu
 
 def run_numerical(args: argparse.Namespace) -> bool:
     """Print one row per tensor and the summary line; True when every tensor is within tolerance."""
-    from backprop_ninja.check import lecture_setup
+    from backprop_ninja.check import LECTURE_HIDDEN, lecture_setup
 
-    setup = lecture_setup(args.seed, args.batch_size, args.hidden, args.input)
+    setup = lecture_setup(args.seed, args.batch_size, args.hidden or LECTURE_HIDDEN, args.input)
     print(f"Numerical check: float64 central differences (eps {FD_EPS:g}, atol {FD_ATOL:g}, rtol {FD_RTOL:g})")
     rows = numerical_rows(setup.params, setup.Xb, setup.Yb)
     for row in rows:
