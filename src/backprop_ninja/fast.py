@@ -98,13 +98,14 @@ class FastMLPStepper:
 
     def _step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         C, W1, b1, W2, b2, gain, bias = self.C, self.W1, self.b1, self.W2, self.b2, self.gain, self.bias
-        n = Xb.shape[0]
+        B = Xb.shape[0]
+        n = float(B)  # the batch size as a float: an int scalar is cast to float at every use
 
         # forward ---------------------------------------------------------------------------
         idx = Xb.reshape(-1)  # (B*T,)
-        embcat = C.index_select(0, idx).view(n, -1)  # (B, T*E) emb = C[Xb], concatenated
+        embcat = C.index_select(0, idx).view(B, -1)  # (B, T*E) emb = C[Xb], concatenated
         hprebn = torch.addmm(b1, embcat, W1)  # (B, H) embcat @ W1 + b1
-        mean = hprebn.mean(0, keepdim=True)  # (1, H)
+        mean = hprebn.sum(0, keepdim=True).div_(n)  # (1, H)
         diff = hprebn.sub_(mean)  # (B, H) hprebn - mean; hprebn is not needed any more
         var = (diff * diff).sum(0, keepdim=True).div_(n - 1)  # (1, H) unbiased: Bessel's correction
         var_inv = var.add(self.eps).rsqrt_()  # (1, H) (var + eps)**-0.5
@@ -117,9 +118,9 @@ class FastMLPStepper:
         # backward, each gradient applied as soon as nothing else needs the old parameter ----
         # loss = -mean(logprobs[i, Y[i]]): dlogits = (softmax - one_hot(Y)) / n
         dlogits = logprobs.exp_()  # (B, V) the probabilities, in the log-probabilities' storage
-        if self._minus_ones is None or self._minus_ones.shape[0] != n:
-            self._minus_ones = torch.full((n, 1), -1.0, dtype=dlogits.dtype, device=dlogits.device)
-        dlogits.scatter_add_(1, Yb.view(n, 1), self._minus_ones).div_(n)  # (B, V)
+        if self._minus_ones is None or self._minus_ones.shape[0] != B:
+            self._minus_ones = torch.full((B, 1), -1.0, dtype=dlogits.dtype, device=dlogits.device)
+        dlogits.scatter_add_(1, Yb.view(B, 1), self._minus_ones).div_(n)  # (B, V)
         # logits = h @ W2 + b2
         db2 = dlogits.sum(0)  # (V,)
         dh = torch.mm(dlogits, W2.t())  # (B, H)
@@ -139,7 +140,7 @@ class FastMLPStepper:
         dembcat = torch.mm(dhprebn, W1.t())  # (B, T*E)
         W1.addmm_(embcat.t(), dhprebn, alpha=-lr)  # W1 -= lr * dW1, dW1 = embcat.T @ dhprebn (T*E, H)
         # emb = C[Xb]: each looked-up row of C gets the sum of its gradients, here times -lr
-        C.index_add_(0, idx, dembcat.view(idx.shape[0], -1), alpha=-lr)  # (V, E)
+        C.index_add_(0, idx, dembcat.mul_(-lr).view(idx.shape[0], -1))  # (V, E)
         torch._foreach_add_(self.vectors, [db1, db2, dgain, dbias], alpha=-lr)
         # running statistics: running += momentum * (batch - running), BatchNorm1d's update via lerp
         torch._foreach_lerp_(self.running, [mean, var], self.momentum)
