@@ -37,6 +37,7 @@ from backprop_ninja import checkpoint
 from backprop_ninja.checkpoint import RunInfo
 from backprop_ninja.compare import compare
 from backprop_ninja.data import Dataset, load_dataset, resolve_names
+from backprop_ninja.diagnostics import TrainingMonitor
 from backprop_ninja.errors import UserError
 from backprop_ninja.models import LECTURE_SEED, Model, ModelConfig, build_model, get_spec
 
@@ -50,6 +51,7 @@ SYNC_EVERY = 100  # steps between reads of the losses: progress bar, NaN check, 
 LOG_EVERY = 10_000  # plain log lines off a terminal, as the lecture's `  10000/ 200000: 2.2097`
 SAVE_EVERY = 10_000  # periodic checkpoint; a multiple of SYNC_EVERY
 EVAL_CHUNK = 65_536  # rows per forward pass when evaluating a whole split (bounds memory)
+DIAGNOSE_EVERY = 1_000  # steps between diagnostics records (tanh saturation, update:data ratios)
 
 # --verify-every: a correct float32 backward agrees with autograd to maxdiff 1e-10..1e-7 on these
 # networks (the rounding of two summation orders); seed 004's stale-bn_raw bug is off by 1e-3 or
@@ -174,6 +176,13 @@ class Progress:
         for i in range(first, stop, LOG_EVERY):
             print(f"{i:7d}/{self.steps:7d}: {losses[i].item():.4f}", flush=True)
 
+    def write(self, line: str) -> None:
+        """A message line that does not break the progress bar."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -197,6 +206,7 @@ def train_steps(
     save: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     stop: StopFlag | None = None,
+    monitor: TrainingMonitor | None = None,
 ) -> int:
     """Train from step info.step up to info.steps; return the step reached (less on a stop request).
 
@@ -211,7 +221,11 @@ def train_steps(
             Xb, Yb = X[ix], Y[ix]  # (B, T), (B,)
             if verify_every and step % verify_every == 0:
                 verify_gradients(model, Xb, Yb, step)  # the gradients of this very update
-            losses[step] = stepper.step(Xb, Yb, lr_at(step, info))
+            lr = lr_at(step, info)
+            losses[step] = stepper.step(Xb, Yb, lr)
+            if monitor is not None:  # one extra eager step every DIAGNOSE_EVERY steps
+                for warning in monitor.observe(step, Xb, Yb, lr):
+                    (progress.write if progress is not None else print)(warning)
             step += 1
             stopping = stop is not None and stop.requested
             if step % SYNC_EVERY == 0 or step == info.steps or stopping:
@@ -270,7 +284,7 @@ def format_losses(losses: dict[str, float | None]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from backprop_ninja.fast import make_stepper  # the fast step where the model has one
+    from backprop_ninja.fast import make_stepper, threads_for  # the fast step where the model has one
     from backprop_ninja.sampling import MAX_LEN_FACTOR, sample_words
 
     device = checkpoint.resolve_device(args.device)
@@ -287,16 +301,17 @@ def run(args: argparse.Namespace) -> int:
         saved_step = step
 
     progress = Progress(info.step, info.steps)
+    monitor = TrainingMonitor(model, every=DIAGNOSE_EVERY)
     try:
-        with sigint_requests_stop() as stop:
+        with sigint_requests_stop() as stop, torch_threads(threads_for(info.batch_size, info.config.n_hidden)):
             stepper = make_stepper(model, info.batch_size, fast=not getattr(args, "eager", False))
-            step = train_steps(model, stepper, X, Y, g, losses, info,
-                               verify_every=args.verify_every, save=save, progress=progress, stop=stop)
+            step = train_steps(model, stepper, X, Y, g, losses, info, verify_every=args.verify_every,
+                               save=save, progress=progress, stop=stop, monitor=monitor)
             if step < info.steps:  # Ctrl-C: the losses up to `step` were checked by train_steps
                 save(step)
                 progress.close()
                 if args.plots:
-                    write_plots(run_dir, losses[:step])
+                    write_plots(run_dir, losses[:step], monitor)
                 print(f"interrupted at step {step}/{info.steps}; checkpoint saved in {run_dir} "
                       f"(continue with: backprop-ninja train --resume --out {run_dir})", file=sys.stderr)
                 return 130  # the shell's code for "stopped by SIGINT": `make` and scripts do not go on
@@ -311,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
         model.calibrate(X)
     save(info.steps, calibrated=True)
     if args.plots:
-        write_plots(run_dir, losses)
+        write_plots(run_dir, losses, monitor)
     print(format_losses(evaluate(model, data.dataset)))
     g_sample = torch.Generator().manual_seed(SAMPLE_SEED)
     max_len = MAX_LEN_FACTOR * info.max_word_len
@@ -389,10 +404,24 @@ def check_trainable(data: RunData) -> None:
                         "BatchNorm needs at least 2")
 
 
-def write_plots(run_dir: Path, losses: Tensor) -> None:
+def write_plots(run_dir: Path, losses: Tensor, monitor: TrainingMonitor) -> None:
+    """loss.png, and the diagnostics' activations.png, gradients.png and update-ratio.png."""
     from backprop_ninja.plots import write_loss_plot
 
     write_loss_plot(losses.cpu(), run_dir / "loss.png")
+    monitor.write_plots(run_dir)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with n intra-op threads: one for the tiny matrices of a training step (splitting them
+    costs more than it saves), torch's own setting again for evaluating whole splits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------
