@@ -74,7 +74,10 @@ def test_train_then_eval_then_sample_end_to_end(capsys, write_words, tmp_path):
     assert all(len(line.split(" ")[1].split(".")[1]) >= 4 for line in split_lines)  # 4+ decimals
     assert len(lines) == 1 + 3 + 20  # log line, split losses, 20 samples
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["loss.png", MODEL_FILE, RUN_FILE]
+    plots = ["activations.png", "gradients.png", "loss.png", "update-ratio.png"]
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(plots + [MODEL_FILE, RUN_FILE])
+    for plot in plots:
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     code, out, _ = cli(capsys, "eval", "--out", run_dir, "--json")
     assert code == 0
