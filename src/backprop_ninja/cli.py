@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `backprop-ninja sample -n 1000 | head`
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (which saves and says where)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
