@@ -180,8 +180,8 @@ def format_table(results: list[Result], info: dict) -> str:
     baseline = {r.batch_size: r for r in results if r.loop == "autograd"}
     for r in results:
         base = baseline.get(r.batch_size)
-        ratio = f"{r.us_per_step / base.us_per_step:.2f}x" if base else "-"
-        cpu_ratio = f"{r.cpu_us_per_step / base.cpu_us_per_step:.2f}x" if base else "-"
+        ratio = f"{r.us_per_step / base.us_per_step:.3g}x" if base else "-"
+        cpu_ratio = f"{r.cpu_us_per_step / base.cpu_us_per_step:.3g}x" if base else "-"
         lines.append(
             f"{r.batch_size:>6}  {LABELS[r.loop]:<24} {r.threads:>7} {r.us_per_step:>9.1f} "
             f"{1e6 / r.us_per_step:>8.0f} {r.cpu_us_per_step:>9.1f} {r.peak_mib:>9.1f} {ratio:>11} {cpu_ratio:>10}"
@@ -191,9 +191,9 @@ def format_table(results: list[Result], info: dict) -> str:
         if "fast" in rows:
             fast = rows["fast"]
             lines.append(
-                f"batch {batch_size}: the fast step takes {fast.us_per_step / base.us_per_step:.2f}x the autograd "
-                f"step's time ({fast.cpu_us_per_step / base.cpu_us_per_step:.2f}x its CPU time) and "
-                f"{fast.us_per_step / rows['eager'].us_per_step:.2f}x the eager step's; peak memory "
+                f"batch {batch_size}: the fast step takes {fast.us_per_step / base.us_per_step:.3g}x the autograd "
+                f"step's time ({fast.cpu_us_per_step / base.cpu_us_per_step:.3g}x its CPU time) and "
+                f"{fast.us_per_step / rows['eager'].us_per_step:.3g}x the eager step's; peak memory "
                 f"{fast.peak_mib:.1f} MiB against autograd's {base.peak_mib:.1f} MiB"
             )
     lines.append("peak MiB: growth of the process's peak RSS over the steps (one fresh process per row)")
