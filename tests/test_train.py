@@ -77,7 +77,8 @@ def test_hand_written_training_tracks_autograd_training(write_words, model_name,
     assert losses_mine[-10:].mean() < losses_mine[:10].mean()  # and it learned something
 
 
-def test_batches_are_drawn_from_the_initialisation_generator_as_the_lecture(write_words):
+def test_batches_are_drawn_from_the_initialisation_generator_as_the_lecture(write_words, monkeypatch):
+    monkeypatch.setattr(train, "SYNC_EVERY", 10)  # chunks of 10, 10 and 5 steps, each drawn in one call
     model, g, info, losses, ds = setup(write_words, steps=25)
     X, Y = ds.train
     g_lecture = torch.Generator().set_state(g.get_state())
@@ -94,6 +95,28 @@ def test_batches_are_drawn_from_the_initialisation_generator_as_the_lecture(writ
         ix = torch.randint(0, X.shape[0], (info.batch_size,), generator=g_lecture)  # the lecture's line
         assert torch.equal(Xb, X[ix]) and torch.equal(Yb, Y[ix])
     assert torch.equal(g.get_state(), g_lecture.get_state())
+
+
+def test_a_stop_inside_a_chunk_leaves_the_generator_where_the_steps_done_leave_it(write_words, monkeypatch):
+    monkeypatch.setattr(train, "SYNC_EVERY", 10)
+    model, g, info, losses, ds = setup(write_words, steps=25)
+    X, Y = ds.train
+    g_lecture = torch.Generator().set_state(g.get_state())
+    stepper, stop = EagerStepper(model), train.StopFlag()
+
+    class CtrlCAtStep13:
+        calls = 0
+
+        def step(self, Xb, Yb, lr):
+            self.calls += 1
+            stop.requested = self.calls == 13  # as the SIGINT handler: stop after this step
+            return stepper.step(Xb, Yb, lr)
+
+    assert train_steps(model, CtrlCAtStep13(), X, Y, g, losses, info, stop=stop) == 13
+    for _ in range(13):  # the lecture's draws of the 13 steps done, the 7 drawn ahead not counted
+        torch.randint(0, X.shape[0], (info.batch_size,), generator=g_lecture)
+    assert torch.equal(g.get_state(), g_lecture.get_state())  # a resumed run draws the very next batch
+    assert losses[:13].isfinite().all() and losses[13:].isnan().all()
 
 
 def test_learning_rate_drops_tenfold_at_the_recipe_point():

@@ -233,10 +233,17 @@ class Sequential(Layer):
                 v.copy_(saved_buffers[k])
 
     def calibrate(self, x: Tensor) -> None:
-        """Pass x through in eval mode, setting every BatchNorm's buffers to the statistics it sees."""
-        for layer in self.layers:
+        """Pass x through in eval mode, setting every BatchNorm's buffers to the statistics it sees.
+
+        The pass stops at the last BatchNorm's input, as the lecture's does: no statistic depends
+        on what comes after (for the lecture MLP that skips the tanh and the output layer).
+        """
+        last = max((i for i, layer in enumerate(self.layers) if isinstance(layer, BatchNorm1d)), default=-1)
+        for layer in self.layers[: last + 1]:
             if isinstance(layer, BatchNorm1d):
                 layer.calibrate(x)
+                if layer is self.layers[last]:
+                    break
             was_training, layer.training = layer.training, False
             x = layer.forward(x)
             layer.training = was_training
