@@ -14,6 +14,9 @@ train / lecture per round; with several rounds the median is reported.
         python benchmarks/train_speed.py --steps 20000 [--rounds 3] [--threads 1] [--eager]
 
 --threads N sets OMP_NUM_THREADS=N for every process (default: torch's own choice).
+--also-src DIR also times `train` with the package in DIR (PYTHONPATH=DIR), to compare two versions
+in the same run, e.g. the last commit's: `git archive HEAD src | tar -x -C /tmp/base`, then
+--also-src /tmp/base/src.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every process")
     parser.add_argument("--eager", action="store_true", help="also time `train --eager`")
+    parser.add_argument("--also-src", metavar="DIR", help="also time `train` with the package in DIR")
     args = parser.parse_args()
 
     env = dict(os.environ)
@@ -65,10 +69,16 @@ def main() -> int:
         commands["backprop-ninja train --eager"] = [
             cli, "train", "--steps", str(args.steps), "--out", f"{out}/eager", "--eager"]
 
+    envs = {name: env for name in commands}
+    if args.also_src:
+        name = f"train from {args.also_src}"
+        commands[name] = [cli, "train", "--steps", str(args.steps), "--out", f"{out}/also"]
+        envs[name] = {**env, "PYTHONPATH": str(Path(args.also_src).resolve())}  # ahead of the installed package
+
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for round_ in range(args.rounds):
         for name, command in commands.items():
-            times[name].append(timed(command, env))
+            times[name].append(timed(command, envs[name]))
             wall, cpu = times[name][-1]
             print(f"round {round_ + 1}: {name:30s} wall {wall:6.2f} s  cpu {cpu:6.2f} s", flush=True)
 
