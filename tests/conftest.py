@@ -1,4 +1,4 @@
-"""Shared fixtures: the names data set (found as the product finds it) and small word lists."""
+"""Shared fixtures: one thread, the names data set (found as the product finds it), small word lists."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ from pathlib import Path
 import pytest
 
 from backprop_ninja.data import DATA_ENV, NAMES_FILE
+from backprop_ninja.threads import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs tiny tensors on one thread: with two, OpenMP's hand-offs dominate, and on a
+    loaded machine a descheduled worker thread can make a step 100x slower (docs/speed.md)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

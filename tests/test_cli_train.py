@@ -25,14 +25,6 @@ ODD_WORDS = ["Zoë", "jean-luc", "o'brien", "st. john", "r2d2", "Ana María", "�
 TINY = ["--hidden", "8", "--embd", "4", "--batch-size", "8"]  # a small model: fast steps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
     """Run the CLI in-process: (exit code, stdout, stderr)."""

@@ -39,15 +39,6 @@ PARAM_RTOL = 1e-4
 PARAM_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes on one thread: with two, OpenMP's hand-offs dominate, and on a loaded machine
-    a descheduled worker thread can make a step 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def dataset(write_words):

@@ -11,7 +11,7 @@ import torch
 from backprop_ninja import lecture, numerical
 from backprop_ninja.check import lecture_rows, lecture_setup
 from backprop_ninja.cli import main
-from backprop_ninja.compare import APPROX_ATOL, APPROX_RTOL, compare
+from backprop_ninja.compare import APPROX_ATOL, APPROX_RTOL
 from backprop_ninja.models import LECTURE_SEED, ModelConfig, build_model
 
 # Exercise 1 in float32 reproduces autograd to the last bit on x86 CPUs with FMA (the table says

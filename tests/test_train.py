@@ -50,14 +50,6 @@ def setup(write_words, model_name="mlp", steps=240, words=WORDS, seed=7, **shape
     return model, g, info, losses, ds
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # the lecture's MLP for >= 200 steps; every other model of the registry for fewer, to stay fast
 TRACKED = [("mlp", 240)] + [(name, 60) for name in sorted(MODELS) if name != "mlp"]

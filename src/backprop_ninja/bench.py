@@ -14,7 +14,7 @@ untimed warm-up steps the timed steps run in BLOCKS blocks and the fastest block
 wall-clock and as the process's CPU time (on a busy machine the CPU time of a one-thread loop is
 the steadier figure). The autograd and the eager
 loops run with torch's default thread count, or --threads N; the fast step picks its own for small
-steps (see fast.threads_for).
+steps (see threads.threads_for).
 """
 
 from __future__ import annotations

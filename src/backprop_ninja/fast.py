@@ -32,21 +32,10 @@ from torch import Tensor
 
 from backprop_ninja.layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
 from backprop_ninja.models import Model
+from backprop_ninja.threads import threads_for, torch_threads
 
 # the layer pattern of models.build_mlp: embedding -> flatten -> Linear -> BatchNorm -> tanh -> Linear
 MLP_LAYERS = (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, Linear)
-
-
-# Below this many hidden activations per step (B * H) a step runs on one thread: each op's work is
-# too small to split, and handing half of it to a second thread costs more than it saves (on the
-# 2-core machine of docs/speed.md the lecture's 32 x 200 step is several times faster on one
-# thread). Larger steps keep torch's setting (e.g. OMP_NUM_THREADS), where splitting can pay.
-SINGLE_THREAD_BELOW = 65_536
-
-
-def threads_for(batch_size: int, n_hidden: int) -> int:
-    """How many threads a training step uses: 1 for small steps, torch's setting otherwise."""
-    return 1 if batch_size * n_hidden < SINGLE_THREAD_BELOW else torch.get_num_threads()
 
 
 def make_stepper(model: Model, batch_size: int, fast: bool = True):
@@ -89,12 +78,8 @@ class FastMLPStepper:
 
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         """One SGD step on the batch (Xb (B, T) int64, Yb (B,) int64); returns the loss (0-d)."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+        with torch_threads(self.threads):
             return self._step(Xb, Yb, lr)
-        finally:
-            torch.set_num_threads(threads)
 
     def _step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         C, W1, b1, W2, b2, gain, bias = self.C, self.W1, self.b1, self.W2, self.b2, self.gain, self.bias

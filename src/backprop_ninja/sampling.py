@@ -9,8 +9,6 @@ the others, and a seed fixes every word.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -19,24 +17,13 @@ from torch import Tensor
 from backprop_ninja import checkpoint
 from backprop_ninja.data import END_TOKEN, Vocabulary, read_words, resolve_names, split_words
 from backprop_ninja.models import Model
+from backprop_ninja.threads import torch_threads
 
 MAX_LEN_FACTOR = 2  # a sample is cut at twice the longest word of the data
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Each forward pass here is a few MFLOP: a second thread only adds synchronisation, and on a
-    busy machine waiting for it costs 10-30x (1000 words: 0.14 s on one thread, 3.8 s on two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @torch.no_grad()
-@one_thread()
+@torch_threads(1)  # a few MFLOP per forward pass: 1000 words take 0.14 s on one thread, 3.8 s on two
 def sample_tokens(
     model: Model,
     n: int,

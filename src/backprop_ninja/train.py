@@ -41,6 +41,7 @@ from backprop_ninja.compare import compare
 from backprop_ninja.data import Dataset, load_dataset, resolve_names
 from backprop_ninja.diagnostics import TrainingMonitor
 from backprop_ninja.errors import UserError
+from backprop_ninja.threads import threads_for, torch_threads
 from backprop_ninja.models import LECTURE_SEED, Model, ModelConfig, build_model, get_spec
 
 DEFAULT_MODEL = "mlp"
@@ -298,7 +299,7 @@ def format_losses(losses: dict[str, float | None]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from backprop_ninja.fast import make_stepper, threads_for  # the fast step where the model has one
+    from backprop_ninja.fast import make_stepper  # the fast step where the model has one
     from backprop_ninja.sampling import MAX_LEN_FACTOR, sample_words
 
     device = checkpoint.resolve_device(args.device)
@@ -424,18 +425,6 @@ def write_plots(run_dir: Path, losses: Tensor, monitor: TrainingMonitor) -> None
 
     write_loss_plot(losses.cpu(), run_dir / "loss.png")
     monitor.write_plots(run_dir)
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with n intra-op threads: one for the tiny matrices of a training step (splitting them
-    costs more than it saves), torch's own setting again for evaluating whole splits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------

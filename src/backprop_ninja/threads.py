@@ -1,0 +1,34 @@
+"""Thread settings for the tiny matrices of a training step.
+
+At the lecture's batch of 32 each op is a few microseconds of work. Torch splits it between its
+threads anyway, and handing half to a second thread costs more than it saves; on a busy machine,
+waiting for a thread that is not scheduled costs 10-30x (docs/speed.md). Small steps, and sampling,
+therefore run on one thread; large batches keep torch's setting (e.g. OMP_NUM_THREADS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+# Below this many hidden activations per step (B * H) a step runs on one thread (the lecture's
+# 32 x 200 step is several times faster on one thread on the 2-core machine of docs/speed.md).
+SINGLE_THREAD_BELOW = 65_536
+
+
+def threads_for(batch_size: int, n_hidden: int) -> int:
+    """How many threads a training step uses: 1 for small steps, torch's setting otherwise."""
+    return 1 if batch_size * n_hidden < SINGLE_THREAD_BELOW else torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with n intra-op threads, then put the caller's setting back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
