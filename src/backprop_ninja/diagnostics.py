@@ -170,7 +170,7 @@ class TrainingMonitor:
         """
         if not self.due(step):
             return []
-        with self.model.net.substituted(self.model.params):  # the same tensors; buffers restored
+        with self.model.net.kept_buffers():
             _, grads = self.model.loss_and_grads(Xb, Yb)
         return self.after_step(step, grads, lr)
 

@@ -212,25 +212,34 @@ class Sequential(Layer):
         return dout
 
     @contextmanager
+    def kept_buffers(self) -> Iterator["Sequential"]:
+        """Run a training-mode pass that is not a training step: BatchNorm's running statistics
+        are put back afterwards, so the model is left exactly as it was."""
+        saved = {k: v.clone() for k, v in self.buffers.items()}
+        try:
+            yield self
+        finally:
+            for k, v in self.buffers.items():
+                v.copy_(saved[k])
+
+    @contextmanager
     def substituted(self, params: dict[str, Tensor]) -> Iterator["Sequential"]:
         """Run the layers on other parameter tensors (e.g. autograd leaves), then put them back.
 
-        BatchNorm buffers are restored too, so a reference pass leaves the model as it was.
+        BatchNorm buffers are restored too (kept_buffers), so a reference pass leaves the model as it was.
         """
-        saved_buffers = {k: v.clone() for k, v in self.buffers.items()}
         originals = {}
         for layer in self.layers:
             for name in layer.params:
                 originals[name] = layer.params[name]
                 layer.params[name] = params[name]
         try:
-            yield self
+            with self.kept_buffers():
+                yield self
         finally:
             for layer in self.layers:
                 for name in layer.params:
                     layer.params[name] = originals[name]
-            for k, v in self.buffers.items():
-                v.copy_(saved_buffers[k])
 
     def calibrate(self, x: Tensor) -> None:
         """Pass x through in eval mode, setting every BatchNorm's buffers to the statistics it sees.

@@ -35,6 +35,7 @@ from backprop_ninja.compare import Row, compare, format_row
 from backprop_ninja.data import load_dataset
 from backprop_ninja.layers import Layer
 from backprop_ninja.models import Model, ModelConfig, build_model, get_spec
+from backprop_ninja.numerical import FD_ATOL, FD_EPS, FD_RTOL, NumericalRow, central_difference_at, numerical_row
 
 # The table compares in float64. In float32 the hand-written and autograd sums run in different
 # orders (e.g. a 3-D Linear's dW: one (F, B*T) @ (B*T, H) product against autograd's), and their
@@ -43,11 +44,6 @@ from backprop_ninja.models import Model, ModelConfig, build_model, get_spec
 # still stands out by its own size: the check then fails for wrong maths only, never for rounding.
 CHECK_DTYPE = torch.float64
 
-# torch.autograd.gradcheck's defaults for float64: |numerical - analytical| <= atol + rtol*|numerical|.
-# A correct float64 backward lands at 1e-9..1e-11 here; a wrong one is off by its own magnitude.
-FD_EPS = 1e-6
-FD_ATOL = 1e-5
-FD_RTOL = 1e-3
 FD_ENTRIES = 12  # entries of each parameter nudged (all of them when it has fewer)
 
 SHORT_NAMES = {"FlattenConsecutive": "Flatten", "BatchNorm1d": "BatchNorm"}
@@ -109,18 +105,6 @@ def model_rows(model: Model, Xb: Tensor, Yb: Tensor, dtype: torch.dtype = CHECK_
 # --numerical: float64 central differences on a sample of every parameter's entries
 
 
-class NumericalRow(NamedTuple):
-    name: str
-    ok: bool
-    maxdiff: float  # largest |hand-written - finite difference| over the sampled entries
-    entries: int  # how many entries were nudged
-    numel: int
-
-    def __str__(self) -> str:
-        return (f"{self.name:15s} | numerical: {str(self.ok):5s} | maxdiff: {self.maxdiff:.3e} "
-                f"| entries: {self.entries} of {self.numel}")
-
-
 def numerical_rows(
     model: Model, Xb: Tensor, Yb: Tensor, seed: int, entries: int = FD_ENTRIES
 ) -> list[NumericalRow]:
@@ -141,19 +125,11 @@ def numerical_rows(
         for name, p in params64.items():
             flat = p.view(-1)
             picks = torch.randperm(flat.numel(), generator=g)[:entries]  # (k,)
-            numerical = torch.empty(len(picks), dtype=torch.float64)  # (k,)
-            for j, i in enumerate(picks.tolist()):
-                original = flat[i].item()
-                flat[i] = original + FD_EPS
-                plus = loss_now()
-                flat[i] = original - FD_EPS
-                minus = loss_now()
-                flat[i] = original
-                numerical[j] = (plus - minus) / (2 * FD_EPS)
+            numerical = torch.tensor(  # (k,)
+                [central_difference_at(loss_now, flat, i) for i in picks.tolist()], dtype=torch.float64
+            )
             analytical = grads[name].reshape(-1)[picks]  # (k,)
-            ok = torch.allclose(analytical, numerical, rtol=FD_RTOL, atol=FD_ATOL)
-            maxdiff = (analytical - numerical).abs().max().item()
-            rows.append(NumericalRow(name, bool(ok), maxdiff, len(picks), flat.numel()))
+            rows.append(numerical_row(name, analytical, numerical, flat.numel()))
     return rows
 
 

@@ -34,11 +34,32 @@ CHUNK = 2048  # nudged copies evaluated together (one chunk for most tensors); b
 class NumericalRow(NamedTuple):
     name: str
     ok: bool
-    maxdiff: float  # largest |hand-written - finite difference|
-    numel: int
+    maxdiff: float  # largest |hand-written - finite difference| over the entries nudged
+    entries: int  # how many entries were nudged
+    numel: int  # of how many
 
     def __str__(self) -> str:
-        return f"{self.name:15s} | numerical: {str(self.ok):5s} | maxdiff: {self.maxdiff:.3e} | entries: {self.numel}"
+        of = "" if self.entries == self.numel else f" of {self.numel}"
+        return (f"{self.name:15s} | numerical: {str(self.ok):5s} | maxdiff: {self.maxdiff:.3e} "
+                f"| entries: {self.entries}{of}")
+
+
+def numerical_row(name: str, analytical: Tensor, numerical: Tensor, numel: int) -> NumericalRow:
+    """Hand-written against finite differences, with gradcheck's tolerances."""
+    ok = torch.allclose(analytical, numerical, rtol=FD_RTOL, atol=FD_ATOL)
+    maxdiff = (analytical - numerical).abs().max().item()
+    return NumericalRow(name, bool(ok), maxdiff, numerical.numel(), numel)
+
+
+def central_difference_at(loss_now: Callable[[], float], flat: Tensor, i: int, eps: float = FD_EPS) -> float:
+    """d loss / d flat[i]: nudge that one entry in place by +-eps, then put it back."""
+    original = flat[i].item()
+    flat[i] = original + eps
+    plus = loss_now()
+    flat[i] = original - eps
+    minus = loss_now()
+    flat[i] = original
+    return (plus - minus) / (2 * eps)
 
 
 def central_differences(loss_of: Callable[[Tensor], Tensor], x: Tensor, eps: float = FD_EPS) -> Tensor:
@@ -80,9 +101,7 @@ def numerical_rows(params: dict[str, Tensor], Xb: Tensor, Yb: Tensor) -> list[Nu
                 return lecture.forward(p64, Xb, Yb, given={name: x}).loss
 
             numerical = central_differences(loss_of, getattr(t64, name))
-        ok = torch.allclose(mine[name], numerical, rtol=FD_RTOL, atol=FD_ATOL)
-        maxdiff = (mine[name] - numerical).abs().max().item()
-        rows.append(NumericalRow(name, bool(ok), maxdiff, numerical.numel()))
+        rows.append(numerical_row(name, mine[name], numerical, numerical.numel()))
     return rows
 
 

@@ -106,10 +106,8 @@ def verify_gradients(model: Model, Xb: Tensor, Yb: Tensor, step: int) -> None:
     Leaves the model exactly as it was, BatchNorm running statistics included, so a verified run
     trains bit for bit like an unverified one.
     """
-    saved_buffers = {k: v.clone() for k, v in model.buffers.items()}
-    _, mine = model.loss_and_grads(Xb, Yb)
-    for k, v in model.buffers.items():
-        v.copy_(saved_buffers[k])
+    with model.net.kept_buffers():
+        _, mine = model.loss_and_grads(Xb, Yb)
     _, reference = model.autograd_loss_and_grads(Xb, Yb)
     for name, ref in reference.items():  # the model's parameter order
         grad = mine.get(name)
