@@ -17,9 +17,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor
-
 import torch.nn.functional as F
+from torch import Tensor
 
 from backprop_ninja import ops
 from backprop_ninja.errors import UserError

@@ -41,8 +41,8 @@ from backprop_ninja.compare import compare
 from backprop_ninja.data import Dataset, load_dataset, resolve_names
 from backprop_ninja.diagnostics import TrainingMonitor
 from backprop_ninja.errors import UserError
-from backprop_ninja.threads import threads_for, torch_threads
 from backprop_ninja.models import LECTURE_SEED, Model, ModelConfig, build_model, get_spec
+from backprop_ninja.threads import threads_for, torch_threads
 
 DEFAULT_MODEL = "mlp"
 DEFAULT_BATCH_SIZE = 32
