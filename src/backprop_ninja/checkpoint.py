@@ -20,7 +20,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from backprop_ninja.data import Vocabulary
 from backprop_ninja.errors import UserError
+from backprop_ninja.files import atomic_write
 from backprop_ninja.models import Model, ModelConfig, build_model
 
 MODEL_FILE = "model.safetensors"
@@ -143,21 +143,6 @@ def save(run_dir: str | os.PathLike, model: Model, info: RunInfo, generator_stat
     atomic_write(run_dir / RUN_FILE, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode())
 
 
-def atomic_write(dest: Path, payload: bytes) -> None:
-    """Write dest whole or not at all: a temp file in the same directory, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # load
 
@@ -207,12 +192,6 @@ def load(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> Chec
         raise UserError(f"{model_path}: the generator state is corrupt") from None
     move_model(model, device)
     return Checkpoint(model, info, generator_state, losses)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_run_json(path: Path) -> tuple[dict, str]:

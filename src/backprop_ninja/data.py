@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from backprop_ninja.errors import UserError
+from backprop_ninja.files import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # the default data set: names.txt of the makemore repository
@@ -74,23 +74,12 @@ def download_names(dest: Path, url: str | None = None) -> Path:
         raise UserError(
             f"downloaded {url} but its sha256 is {digest}, expected {NAMES_SHA256}; refusing to use it"
         )
-    _atomic_write_bytes(dest, payload)
+    atomic_write(dest, payload)
     return dest
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic_write_bytes(dest: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

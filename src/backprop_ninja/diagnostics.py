@@ -23,15 +23,14 @@ The training loop drives a TrainingMonitor:
     monitor.write_plots(run_dir)   # activations.png, gradients.png, update-ratio.png
 
 The tanh outputs are read from the Tanh layers' caches of the step's own forward pass, so nothing
-is recomputed. Plots use matplotlib's Agg canvas directly (no pyplot, no global backend state) and
-are written atomically.
+is recomputed. Plots are drawn by plots.save_figure (an Agg canvas: no pyplot, no global backend
+state) and written atomically.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -41,6 +40,7 @@ from torch import Tensor
 
 from backprop_ninja.layers import Tanh
 from backprop_ninja.models import Model
+from backprop_ninja.plots import save_figure
 
 SATURATION_THRESHOLD = 0.97  # |tanh| above this is on the flat tail: 1 - t**2 < 0.06
 # Share of saturated units that is too many. The lecture aims for ~5% at initialisation; late in
@@ -226,9 +226,9 @@ class TrainingMonitor:
             _histograms(fig, self.last_grads, title, lambda k: _weight_legend(k, self.model, last))
 
         written = [
-            _save(run_dir / "activations.png", activations),
-            _save(run_dir / "gradients.png", gradients),
-            _save(run_dir / "update-ratio.png", lambda fig: _update_lines(fig, self.records)),
+            save_figure(run_dir / "activations.png", activations),
+            save_figure(run_dir / "gradients.png", gradients),
+            save_figure(run_dir / "update-ratio.png", lambda fig: _update_lines(fig, self.records)),
         ]
         return written
 
@@ -269,23 +269,3 @@ def _update_lines(fig, records: list[Record]) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("log10((lr * grad).std() / data.std())")
     ax.legend(fontsize="small")
-
-
-def _save(path: Path, draw: Callable) -> Path:
-    """Draw on a fresh Agg figure and write it as a PNG atomically (temp file + os.replace)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    draw(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path

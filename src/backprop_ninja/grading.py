@@ -26,7 +26,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import traceback
 import types
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ from backprop_ninja import lecture
 from backprop_ninja.check import LECTURE_HIDDEN, LectureSetup, lecture_setup
 from backprop_ninja.compare import APPROX_ATOL, APPROX_RTOL, ROUNDING_RTOL, Row, compare, format_row, within_rounding
 from backprop_ninja.errors import UserError
+from backprop_ninja.files import atomic_write
 from backprop_ninja.models import LECTURE_SEED
 
 # A gradient off by a constant factor k fits k * reference to float32 rounding (~1e-6 relative to
@@ -746,21 +746,9 @@ def run_exercise(args: argparse.Namespace) -> int:
         raise UserError(f"{dest.parent}: no such directory")
     text = Path(__file__).with_name("solution_template.py").read_text(encoding="utf-8")
     try:
-        _atomic_write_text(dest, text)
+        atomic_write(dest, text.encode("utf-8"))
     except OSError as err:
         raise UserError(f"{dest}: cannot write ({err.strerror})") from None
     print(f"wrote {dest}: fill in the gradients, one line at a time, then run")
     print(f"  backprop-ninja check --solution {shlex.quote(str(dest))}")
     return 0
-
-
-def _atomic_write_text(dest: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,19 +1,23 @@
-"""Training plots written into the run directory (matplotlib, Agg backend: no display needed).
+"""Training plots written into the run directory (matplotlib's Agg canvas: no display, no pyplot state).
 
     write_loss_plot(losses, DIR / "loss.png")   # the lecture's
                                                 # plt.plot(torch.tensor(lossi).view(-1, 1000).mean(1))
+    save_figure(path, draw)                     # any plot: draw(fig) on a fresh figure, written atomically
+
+The diagnostics' activations.png, gradients.png and update-ratio.png are drawn with save_figure too.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from backprop_ninja.checkpoint import atomic_write
+from backprop_ninja.files import atomic_write
 
 LOSS_GROUP = 1000  # steps averaged into one point, as the lecture's .view(-1, 1000).mean(1)
 
@@ -36,26 +40,33 @@ def loss_curve(losses: Tensor, group: int = LOSS_GROUP) -> tuple[Tensor, Tensor]
     return starts, means
 
 
-def write_loss_plot(losses: Tensor, path: str | os.PathLike) -> None:
-    """Write the training curve as a PNG, atomically (temp file in the same directory, then rename)."""
-    import matplotlib
+def write_loss_plot(losses: Tensor, path: str | os.PathLike) -> Path:
+    """Write the training curve as a PNG."""
+    x, y = loss_curve(losses)
+    group = LOSS_GROUP if losses.shape[0] >= LOSS_GROUP else 1
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def draw(fig) -> None:
+        ax = fig.add_subplot()
+        ax.plot(x.numpy(), y.numpy())
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"log10 loss (mean of {group} steps)" if group > 1 else "log10 loss")
+        ax.set_title("training loss")
+        ax.grid(alpha=0.3)
+
+    return save_figure(path, draw, figsize=(8, 4.5))
+
+
+def save_figure(path: str | os.PathLike, draw: Callable, figsize: tuple[float, float] = (12, 4)) -> Path:
+    """Call draw(fig) on a fresh figure and write it as a PNG, whole or not at all."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported here: only --plots needs it
+    from matplotlib.figure import Figure
 
     path = Path(path)
-    x, y = loss_curve(losses)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(x.numpy(), y.numpy())
-    group = LOSS_GROUP if losses.shape[0] >= LOSS_GROUP else 1
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"log10 loss (mean of {group} steps)" if group > 1 else "log10 loss")
-    ax.set_title("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    draw(fig)
     buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    fig.savefig(buffer, format="png", dpi=100)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, buffer.getvalue())
+    return path
