@@ -54,6 +54,11 @@ class Model:
         """Name -> BatchNorm statistic (running or calibrated)."""
         return self.net.buffers
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live (all of them: checkpoint.move_model moves them together)."""
+        return next(iter(self.params.values())).device
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
 

@@ -33,7 +33,7 @@ def sample_tokens(
     top_k: int | None = None,
 ) -> Tensor:
     """(n, max_len) token ids; each row ends at its first END_TOKEN (padded with END_TOKEN after it)."""
-    device = next(iter(model.params.values())).device
+    device = model.device
     context = torch.full((n, model.config.block_size), END_TOKEN, dtype=torch.long, device=device)  # (n, T)
     out = torch.full((n, max_len), END_TOKEN, dtype=torch.long)  # (n, L)
     done = torch.zeros(n, dtype=torch.bool)  # (n,)

@@ -272,7 +272,7 @@ def load_run_data(input_path: str | None, block_size: int, vocab=None) -> RunDat
 
 def evaluate(model: Model, dataset: Dataset) -> dict[str, float | None]:
     """Mean cross-entropy of each split in eval mode (BatchNorm buffers); None for an empty split."""
-    device = next(iter(model.params.values())).device
+    device = model.device
     result: dict[str, float | None] = {}
     for name in ("train", "val", "test"):
         X, Y = dataset.split(name)
@@ -335,8 +335,7 @@ def run(args: argparse.Namespace) -> int:
         raise TrainingStopped(f"{err}; {kept}") from None
     progress.close()
 
-    with torch.no_grad():
-        model.calibrate(X)
+    model.calibrate(X)  # BatchNorm statistics of the whole training split, as the lecture
     save(info.steps, calibrated=True)
     if args.plots:
         write_plots(run_dir, losses, monitor)
