@@ -35,7 +35,9 @@ from backprop_ninja.compare import Row, compare, format_row
 from backprop_ninja.data import load_dataset
 from backprop_ninja.layers import Layer
 from backprop_ninja.models import Model, ModelConfig, build_model, get_spec
-from backprop_ninja.numerical import FD_ATOL, FD_EPS, FD_RTOL, NumericalRow, central_difference_at, numerical_row
+from backprop_ninja.numerical import (
+    FD_ATOL, FD_EPS, FD_RTOL, NumericalRow, central_difference_at, numerical_row, print_rows,
+)
 
 # The table compares in float64. In float32 the hand-written and autograd sums run in different
 # orders (e.g. a 3-D Linear's dW: one (F, B*T) @ (B*T, H) product against autograd's), and their
@@ -153,8 +155,5 @@ def run_model_check(args: argparse.Namespace) -> int:
         print()
         print(f"Float64 central differences (eps {FD_EPS:g}, atol {FD_ATOL:g}, rtol {FD_RTOL:g}) "
               f"on up to {FD_ENTRIES} entries per parameter")
-        numerical = numerical_rows(model, Xb, Yb, args.seed)
-        for row in numerical:
-            print(row)
-        ok &= all(row.ok for row in numerical)
+        ok &= print_rows(numerical_rows(model, Xb, Yb, args.seed))
     return 0 if ok else 1

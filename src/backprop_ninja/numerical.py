@@ -52,7 +52,11 @@ def numerical_row(name: str, analytical: Tensor, numerical: Tensor, numel: int) 
 
 
 def central_difference_at(loss_now: Callable[[], float], flat: Tensor, i: int, eps: float = FD_EPS) -> float:
-    """d loss / d flat[i]: nudge that one entry in place by +-eps, then put it back."""
+    """d loss / d flat[i]: nudge that one entry in place by +-eps, then put it back.
+
+    One entry per call, for forward passes that vmap cannot batch: the layer models' BatchNorm
+    updates its running statistics in place (`check --model --numerical`).
+    """
     original = flat[i].item()
     flat[i] = original + eps
     plus = loss_now()
@@ -111,7 +115,11 @@ def run_numerical(args: argparse.Namespace) -> bool:
 
     setup = lecture_setup(args.seed, args.batch_size, args.hidden or LECTURE_HIDDEN, args.input)
     print(f"Numerical check: float64 central differences (eps {FD_EPS:g}, atol {FD_ATOL:g}, rtol {FD_RTOL:g})")
-    rows = numerical_rows(setup.params, setup.Xb, setup.Yb)
+    return print_rows(numerical_rows(setup.params, setup.Xb, setup.Yb))
+
+
+def print_rows(rows: list[NumericalRow]) -> bool:
+    """One line per tensor, then `numerical check: N/M tensors within tolerance`; True if all are."""
     for row in rows:
         print(row)
     passed = sum(row.ok for row in rows)
