@@ -11,6 +11,7 @@ from backprop_ninja import bench, checkpoint
 from backprop_ninja.cli import main
 from backprop_ninja.data import load_dataset
 from backprop_ninja.fast import FastMLPStepper, make_fast_stepper, make_stepper
+from backprop_ninja.kernel import KernelMLPStepper, kernel_available, make_kernel_stepper
 from backprop_ninja.models import ModelConfig, build_model
 from backprop_ninja.train import EagerStepper
 
@@ -40,6 +41,14 @@ PARAM_ATOL = 1e-5
 
 
 
+@pytest.fixture(params=["torch", "c"])
+def make_fused(request):
+    """Each fused stepper, tested against the eager one: fast.FastMLPStepper and kernel.KernelMLPStepper."""
+    if request.param == "c" and not kernel_available():
+        pytest.skip("the C step is not built (no C compiler at install)")
+    return make_fast_stepper if request.param == "torch" else make_kernel_stepper
+
+
 @pytest.fixture
 def dataset(write_words):
     return load_dataset(write_words(WORDS), block_size=3)
@@ -57,13 +66,15 @@ def batches(X, Y, n: int, batch_size: int = BATCH):
         yield X[ix], Y[ix]
 
 
-def test_one_fast_step_matches_one_eager_step(dataset):
-    eager_model, fast_model = mlp(dataset.vocab.size), mlp(dataset.vocab.size)
+# hidden 23 and batch 17: every matmul ends in a partial block; hidden 200: full blocks of 64 too
+@pytest.mark.parametrize("hidden, batch_size", [(HIDDEN, BATCH), (200, 32)])
+def test_one_fused_step_matches_one_eager_step(dataset, make_fused, hidden, batch_size):
+    eager_model, fast_model = mlp(dataset.vocab.size, hidden), mlp(dataset.vocab.size, hidden)
     before = {k: p.clone() for k, p in eager_model.params.items()}
-    Xb, Yb = next(batches(dataset.train.X, dataset.train.Y, 1))
+    Xb, Yb = next(batches(dataset.train.X, dataset.train.Y, 1, batch_size))
     with torch.no_grad():
         eager_loss = EagerStepper(eager_model).step(Xb, Yb, LR)
-        fast_loss = make_fast_stepper(fast_model, BATCH).step(Xb, Yb, LR)
+        fast_loss = make_fused(fast_model, batch_size).step(Xb, Yb, LR)
     assert fast_loss.shape == eager_loss.shape == ()
     assert fast_loss.dtype == eager_loss.dtype == torch.float32
     assert abs(fast_loss.item() - eager_loss.item()) <= ONE_STEP_LOSS_ATOL
@@ -76,9 +87,9 @@ def test_one_fast_step_matches_one_eager_step(dataset):
         torch.testing.assert_close(fast_model.buffers[name], buf, rtol=ONE_STEP_RTOL, atol=ONE_STEP_ATOL)
 
 
-def test_fast_training_tracks_eager_training(dataset):
+def test_fused_training_tracks_eager_training(dataset, make_fused):
     eager_model, fast_model = mlp(dataset.vocab.size), mlp(dataset.vocab.size)
-    eager, fast = EagerStepper(eager_model), make_fast_stepper(fast_model, BATCH)
+    eager, fast = EagerStepper(eager_model), make_fused(fast_model, BATCH)
     eager_losses, fast_losses = [], []
     with torch.no_grad():
         for Xb, Yb in batches(dataset.train.X, dataset.train.Y, STEPS):
@@ -109,8 +120,10 @@ def test_only_the_lecture_mlp_gets_a_fast_stepper():
     deep = build_model(ModelConfig("deep-mlp", 27, block_size=3, n_embd=4, n_hidden=9), g)
     assert make_fast_stepper(deep, BATCH) is None
     assert isinstance(make_stepper(deep, BATCH), EagerStepper)
+    assert make_kernel_stepper(deep, BATCH) is None
     lecture = mlp(27)
-    assert isinstance(make_stepper(lecture, BATCH), FastMLPStepper)
+    fused = KernelMLPStepper if kernel_available() else FastMLPStepper  # the C step where it is built
+    assert isinstance(make_stepper(lecture, BATCH), fused)
     assert isinstance(make_stepper(lecture, BATCH, fast=False), EagerStepper)
 
 

@@ -39,24 +39,30 @@ MLP_LAYERS = (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, Linear)
 
 
 def make_stepper(model: Model, batch_size: int, fast: bool = True):
-    """The stepper `train` uses: the fast one where the model is supported (and `fast`), else eager."""
+    """The stepper `train` uses: the C step, else the fused torch step, where the model is the
+    lecture MLP (and `fast`); the eager layers otherwise."""
+    from backprop_ninja.kernel import make_kernel_stepper
     from backprop_ninja.train import EagerStepper  # train imports this module: import when called
 
-    stepper = make_fast_stepper(model, batch_size) if fast else None
-    return stepper if stepper is not None else EagerStepper(model)
+    if not fast:
+        return EagerStepper(model)
+    return make_kernel_stepper(model, batch_size) or make_fast_stepper(model, batch_size) or EagerStepper(model)
+
+
+def is_lecture_mlp(model: Model) -> bool:
+    """Whether the model's layers are the lecture MLP's pattern, which the fused steps compute."""
+    layers = list(model.net.layers)
+    if tuple(type(layer) for layer in layers) != MLP_LAYERS:
+        return False
+    _, flatten, linear1, batchnorm, _, linear2 = layers
+    if flatten.k != model.config.block_size or len(linear1.params) != 2 or len(linear2.params) != 2:
+        return False  # a partial flatten (3-D hidden states) or a Linear without bias
+    return batchnorm.params[batchnorm.gain_name].ndim == 2
 
 
 def make_fast_stepper(model: Model, batch_size: int) -> "FastMLPStepper | None":
     """A fast stepper for `model`, or None when its layers are not the lecture MLP's pattern."""
-    layers = list(model.net.layers)
-    if tuple(type(layer) for layer in layers) != MLP_LAYERS:
-        return None
-    embedding, flatten, linear1, batchnorm, _, linear2 = layers
-    if flatten.k != model.config.block_size or len(linear1.params) != 2 or len(linear2.params) != 2:
-        return None  # a partial flatten (3-D hidden states) or a Linear without bias
-    if batchnorm.params[batchnorm.gain_name].ndim != 2:
-        return None
-    return FastMLPStepper(model, batch_size)
+    return FastMLPStepper(model, batch_size) if is_lecture_mlp(model) else None
 
 
 class FastMLPStepper:

@@ -1,0 +1,22 @@
+"""The package's one compiled part: the C training step (src/backprop_ninja/mlp_step.c).
+
+Everything else is declared in pyproject.toml. The step is an optional extension: where no C
+compiler is found the install still succeeds, and `train` uses the torch path (kernel.py).
+The library is plain C, loaded with ctypes: it needs neither torch's nor Python's headers.
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+# -fno-trapping-math lets branch-free selects vectorize; it changes no result (no code here reads
+# the floating-point exception flags). The CPU-specific code paths come from target_clones in the
+# source, so the build itself stays portable (no -march=native).
+FLAGS = [] if sys.platform == "win32" else ["-O3", "-fno-trapping-math", "-Wno-psabi"]
+
+setup(
+    ext_modules=[
+        Extension("backprop_ninja._mlp_step", ["src/backprop_ninja/mlp_step.c"], extra_compile_args=FLAGS,
+                  optional=True),
+    ],
+)

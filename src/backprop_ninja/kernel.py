@@ -1,0 +1,127 @@
+"""The lecture MLP's training step in C (mlp_step.c), called through ctypes.
+
+At the lecture's batch of 32 a step is ~2.3 MFLOP. `fast.FastMLPStepper` makes it ~40 torch calls,
+and those calls cost more than their arithmetic. mlp_step.c makes it one call into plain loops:
+matrix products blocked so their partial sums stay in registers, tanh and exp in float64, and the
+update in place on the model's own parameter storage. It computes what the torch step computes and
+agrees with it to float32 rounding (tests/test_kernel.py names the tolerances).
+
+The library is built with the package (setup.py). It is an optional extension: without a C
+compiler the install succeeds and `train` uses the torch step instead (`kernel_available()`).
+
+    stepper = make_kernel_stepper(model, batch_size)  # None when the library or the model does not fit
+    loss = stepper.step(Xb, Yb, lr)                   # same contract as train.EagerStepper.step
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from backprop_ninja.fast import is_lecture_mlp
+from backprop_ninja.models import Model
+
+LIBRARY_STEM = "_mlp_step"  # setup.py builds backprop_ninja/_mlp_step<extension suffix>
+_float_p = ctypes.POINTER(ctypes.c_float)
+
+
+class MLPPlan(ctypes.Structure):
+    """mlp_step.c's `MLP`: the model's shape and the addresses of its parameters and buffers."""
+
+    _fields_ = [
+        ("T", ctypes.c_int64), ("E", ctypes.c_int64), ("H", ctypes.c_int64), ("V", ctypes.c_int64),
+        ("C", _float_p), ("W1", _float_p), ("b1", _float_p), ("gain", _float_p), ("bias", _float_p),
+        ("running_mean", _float_p), ("running_var", _float_p), ("W2", _float_p), ("b2", _float_p),
+        ("momentum", ctypes.c_float), ("eps", ctypes.c_float),
+    ]
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """The built step library, or None when the install could not compile it."""
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"{LIBRARY_STEM}{suffix}"
+        if path.is_file():
+            break
+    else:
+        return None
+    lib = ctypes.CDLL(str(path))
+    plan_p = ctypes.POINTER(MLPPlan)
+    lib.mlp_workspace_floats.argtypes = [plan_p, ctypes.c_int64]
+    lib.mlp_workspace_floats.restype = ctypes.c_int64
+    lib.mlp_step.argtypes = [plan_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                             ctypes.c_void_p]
+    lib.mlp_step.restype = ctypes.c_float
+    lib.mlp_tanh.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.mlp_tanh.restype = None
+    return lib
+
+
+def kernel_available() -> bool:
+    return load_library() is not None
+
+
+def make_kernel_stepper(model: Model, batch_size: int) -> "KernelMLPStepper | None":
+    """The C stepper for `model`, or None: no library, not the lecture MLP, or not float32 on the CPU."""
+    if load_library() is None or not is_lecture_mlp(model):
+        return None
+    tensors = [*model.params.values(), *model.buffers.values()]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return None
+    return KernelMLPStepper(model, batch_size)
+
+
+def mlp_tanh(x: Tensor) -> Tensor:
+    """tanh as the C step computes it (float32, CPU): for tests."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError("the C step library is not built")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.mlp_tanh(x.numel(), x.data_ptr(), out.data_ptr())
+    return out
+
+
+class KernelMLPStepper:
+    """Forward, hand-written backward and SGD update of the lecture MLP, in C, in place on the model.
+
+    The plan holds the addresses of the model's tensors: they must stay the same tensors (every
+    part of this package updates parameters and buffers in place).
+    """
+
+    def __init__(self, model: Model, batch_size: int) -> None:
+        embedding, _, linear1, batchnorm, _, linear2 = model.net.layers
+        self.tensors = {  # kept here so that the addresses in the plan stay valid
+            "C": embedding.params[embedding.name],  # (V, E)
+            "W1": linear1.params[linear1.w_name], "b1": linear1.params[linear1.b_name],  # (T*E, H), (H,)
+            "gain": batchnorm.params[batchnorm.gain_name], "bias": batchnorm.params[batchnorm.bias_name],  # (1, H)
+            "running_mean": batchnorm.buffers[batchnorm.mean_name],  # (1, H)
+            "running_var": batchnorm.buffers[batchnorm.var_name],  # (1, H)
+            "W2": linear2.params[linear2.w_name], "b2": linear2.params[linear2.b_name],  # (H, V), (V,)
+        }
+        addresses = {name: ctypes.cast(t.data_ptr(), _float_p) for name, t in self.tensors.items()}
+        config = model.config
+        self.plan = MLPPlan(T=config.block_size, E=config.n_embd, H=config.n_hidden, V=config.vocab_size,
+                            momentum=batchnorm.momentum, eps=batchnorm.eps, **addresses)
+        self.plan_ref = ctypes.byref(self.plan)
+        self.lib = load_library()
+        self.batch_size = batch_size
+        self.work = torch.empty(self.lib.mlp_workspace_floats(self.plan_ref, batch_size))  # float32 scratch
+
+    def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
+        """One SGD step on the batch (Xb (B, T) int64, Yb (B,) int64); returns the loss (0-d)."""
+        B = Xb.shape[0]
+        if B != self.batch_size:
+            self.batch_size = B
+            self.work = torch.empty(self.lib.mlp_workspace_floats(self.plan_ref, B))
+        if Xb.dtype != torch.int64 or Yb.dtype != torch.int64:
+            raise TypeError(f"the C step takes int64 ids, not {Xb.dtype} and {Yb.dtype}")
+        Xb, Yb = Xb.contiguous(), Yb.contiguous()  # no copy for the slices train passes
+        loss = self.lib.mlp_step(self.plan_ref, Xb.data_ptr(), Yb.data_ptr(), B, lr, self.work.data_ptr())
+        return torch.tensor(loss)

@@ -1,0 +1,97 @@
+"""The C step's own parts: its tanh, its guard on ids, and when train uses it.
+
+Its training step is tested against the eager step in test_fast.py, with the fused torch step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from backprop_ninja import kernel
+from backprop_ninja.fast import FastMLPStepper, make_stepper
+from backprop_ninja.models import ModelConfig, build_model
+
+# tanh and exp are computed in float64 and rounded once: correctly rounded floats, but for a
+# double rounding when the float64 value lies within ~1e-16 of a tie (measured max: 0.49999997 ulp).
+TANH_MAX_ULP = 0.5 + 1e-6
+
+needs_kernel = pytest.mark.skipif(not kernel.kernel_available(), reason="the C step is not built (no C compiler)")
+
+
+def test_the_c_step_is_built_where_it_is_required():
+    # .ci/run sets BACKPROP_NINJA_REQUIRE_KERNEL=1: in CI a failed build must fail, not skip quietly
+    if os.environ.get("BACKPROP_NINJA_REQUIRE_KERNEL") != "1":
+        pytest.skip("BACKPROP_NINJA_REQUIRE_KERNEL is not set")
+    assert kernel.kernel_available()
+
+
+def ulps_from_exact(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|y - tanh(x)| in units of the last place of float32 at tanh(x), tanh computed in float64."""
+    exact = torch.tanh(x.double())
+    magnitude = exact.abs().float()
+    ulp = (magnitude.nextafter(torch.tensor(float("inf"))) - magnitude).double()
+    return (y.double() - exact).abs() / ulp
+
+
+@needs_kernel
+def test_kernel_tanh_is_correctly_rounded():
+    x = torch.cat([
+        torch.linspace(-12, 12, 2_000_001),  # the whole curve, past where it rounds to +-1
+        torch.logspace(-30, 1, 100_000), -torch.logspace(-30, 1, 100_000),  # near 0: the series branch
+    ])
+    errors = ulps_from_exact(x, kernel.mlp_tanh(x))
+    assert errors.max().item() <= TANH_MAX_ULP, f"{errors.max().item()} ulp at x = {x[errors.argmax()].item()}"
+
+
+@needs_kernel
+def test_kernel_tanh_special_values():
+    x = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 100.0, -100.0, float("nan")])
+    y = kernel.mlp_tanh(x)
+    assert y[:6].tolist() == [0.0, -0.0, 1.0, -1.0, 1.0, -1.0]
+    assert torch.signbit(y[1]) and not torch.signbit(y[0])
+    assert torch.isnan(y[6])
+
+
+def lecture_mlp(hidden: int = 11):
+    config = ModelConfig("mlp", vocab_size=7, block_size=3, n_embd=4, n_hidden=hidden)
+    return build_model(config, torch.Generator().manual_seed(0))
+
+
+@needs_kernel
+def test_an_id_outside_the_vocabulary_gives_nan_and_changes_nothing():
+    model = lecture_mlp()
+    stepper = kernel.make_kernel_stepper(model, 5)
+    before = {name: t.clone() for name, t in [*model.params.items(), *model.buffers.items()]}
+    X = torch.zeros(5, 3, dtype=torch.long)  # (B, T)
+    Y = torch.zeros(5, dtype=torch.long)  # (B,)
+    for bad_X, bad_Y in [(X.clone().fill_(7), Y), (X, Y.clone().fill_(-1))]:
+        assert torch.isnan(stepper.step(bad_X, bad_Y, 0.1))
+    for name, t in [*model.params.items(), *model.buffers.items()]:
+        assert torch.equal(t, before[name]), name
+    assert torch.isfinite(stepper.step(X, Y, 0.1))  # and a good batch still steps
+    assert not torch.equal(model.params["W2"], before["W2"])
+
+
+@needs_kernel
+def test_the_c_step_takes_only_int64_ids():
+    stepper = kernel.make_kernel_stepper(lecture_mlp(), 5)
+    with pytest.raises(TypeError, match="int64"):
+        stepper.step(torch.zeros(5, 3, dtype=torch.int32), torch.zeros(5, dtype=torch.long), 0.1)
+
+
+@needs_kernel
+def test_no_c_step_for_another_dtype_or_device():
+    model = lecture_mlp()
+    for t in model.params.values():
+        t.data = t.data.double()
+    assert kernel.make_kernel_stepper(model, 5) is None
+    assert isinstance(make_stepper(model, 5), FastMLPStepper)
+
+
+def test_train_falls_back_to_the_torch_step_without_the_library(monkeypatch):
+    monkeypatch.setattr(kernel, "load_library", lambda: None)
+    assert not kernel.kernel_available()
+    assert isinstance(make_stepper(lecture_mlp(), 5), FastMLPStepper)
