@@ -12,7 +12,8 @@ import torch
 
 from backprop_ninja import data
 from backprop_ninja.cli import main
-from backprop_ninja.data import END_TOKEN, Vocabulary, build_dataset, load_dataset, read_words, split_words
+from backprop_ninja.data import (END_TOKEN, Vocabulary, build_dataset, distinct_contexts, load_dataset, read_words,
+                                 split_words)
 from backprop_ninja.errors import UserError
 
 
@@ -208,3 +209,14 @@ def test_build_dataset_refuses_a_character_outside_the_vocabulary():
 def test_build_dataset_of_no_words_is_empty():
     X, Y = build_dataset([], Vocabulary.from_words(["a"]), 4)
     assert X.shape == (0, 4) and Y.shape == (0,)
+
+
+@pytest.mark.parametrize("base", [5, 2**40])  # ids packed into one int64 key; too large to pack: whole rows
+def test_distinct_contexts_index_and_count_every_row(base):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 3, (50, 4), generator=g) * (base // 3)  # (N, T): 3**4 possible rows, many repeats
+    contexts = distinct_contexts(X)
+    assert torch.equal(contexts.rows[contexts.index], X)
+    assert torch.unique(contexts.rows, dim=0).shape == contexts.rows.shape  # each context once
+    assert torch.equal(contexts.counts, torch.bincount(contexts.index))
+    assert contexts.counts.sum() == X.shape[0] and contexts.rows.shape[0] < X.shape[0]

@@ -140,8 +140,8 @@ def test_train_fast_and_eager_reach_the_same_model(write_words, tmp_path):
 
 def test_bench_worker_runs_in_its_own_process():
     steps = 2 * bench.BLOCKS
-    result = bench.measure_in_subprocess("fast", 32, steps=steps, threads=1)
-    assert (result.loop, result.batch_size, result.steps, result.threads) == ("fast", 32, steps, 1)
+    result = bench.measure_in_subprocess("torch", 32, steps=steps, threads=1)
+    assert (result.loop, result.batch_size, result.steps, result.threads) == ("torch", 32, steps, 1)
     assert result.us_per_step > 0 and result.cpu_us_per_step > 0 and result.peak_mib >= 0
 
 
@@ -151,10 +151,11 @@ def test_bench_runs_every_loop_at_both_batch_sizes(capsys, monkeypatch):
     assert main(["bench", "--steps", "20", "--large-batch", "64", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     results = [bench.Result(**r) for r in report["results"]]
-    assert [(r.batch_size, r.loop) for r in results] == [(b, loop) for b in (32, 64) for loop in bench.LOOPS]
+    loops = [loop for loop in bench.LOOPS if loop != "c" or kernel_available()]  # C: where it is built
+    assert [(r.batch_size, r.loop) for r in results] == [(b, loop) for b in (32, 64) for loop in loops]
     assert all(r.us_per_step > 0 and r.peak_mib >= 0 for r in results)
     assert report["machine"]["logical_cpus"] >= 1
     table = bench.format_table(results, report["machine"])
-    for label in bench.LABELS.values():
-        assert table.count(label) == 2
+    for loop in loops:
+        assert table.count(bench.LABELS[loop]) == 2
     assert "the autograd step's time" in table

@@ -200,6 +200,17 @@ def test_calibrate_sets_the_exact_statistics_of_every_batchnorm():
     torch.testing.assert_close(net.train(False).forward(X), train_out, rtol=1e-8, atol=1e-10)
 
 
+def test_calibrate_on_counted_rows_equals_calibrate_on_the_rows_repeated():
+    g = torch.Generator().manual_seed(7)
+    net, (X, _) = small_wavenet(g), batch(g)  # 3-D BatchNorm, then 2-D
+    counts = torch.tensor([1, 4, 2, 1, 3])  # (B,)
+    net.calibrate(X.repeat_interleave(counts, dim=0))
+    expected = {k: v.clone() for k, v in net.buffers.items()}
+    net.calibrate(X, counts)
+    for name, buf in expected.items():
+        torch.testing.assert_close(net.buffers[name], buf, rtol=AUTOGRAD_RTOL, atol=AUTOGRAD_ATOL, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # FlattenConsecutive
 

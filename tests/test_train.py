@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from backprop_ninja import train
 from backprop_ninja.checkpoint import RunInfo
@@ -21,6 +22,9 @@ WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "ame
 # A wrong gradient anywhere drifts by 1e-2 or more within a few steps.
 TRACK_RTOL = 1e-4
 TRACK_ATOL = 1e-5
+# evaluate's float32 losses per distinct context, summed in float64, against F.cross_entropy's
+# float32 mean over every example: the same numbers, summed in another order.
+EVAL_RTOL = 1e-6
 
 
 class AutogradStepper:
@@ -187,6 +191,17 @@ def test_evaluate_in_chunks_equals_one_pass(write_words, monkeypatch):
     chunked = evaluate(model, ds)
     for split in whole:  # float32 per-row losses, summed in float64: only the summation order differs
         assert chunked[split] == pytest.approx(whole[split], rel=1e-6)
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_evaluate_once_per_distinct_context_equals_every_example(write_words, model_name):
+    model, _, _, _, ds = setup(write_words, model_name)
+    model.calibrate(ds.train.X)
+    result = evaluate(model, ds)
+    for split in ("train", "val", "test"):
+        X, Y = ds.split(split)
+        every_example = F.cross_entropy(model.logits(X), Y).item()  # (N,) rows, repeats and all
+        assert result[split] == pytest.approx(every_example, rel=EVAL_RTOL)
 
 
 def test_loss_curve_is_the_lecture_mean_log10_loss_per_1000_steps():

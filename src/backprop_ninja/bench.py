@@ -1,11 +1,14 @@
 """`backprop-ninja bench`: the autograd loop against the hand-written eager and fast steps.
 
-Three loops train the lecture MLP (vocabulary 27, block 3, embedding 10, hidden 200) on a
+Four loops train the lecture MLP (vocabulary 27, block 3, embedding 10, hidden 200) on a
 synthetic training split of the names set's size, each step = draw a batch + one SGD step:
 
     (a) autograd   the lecture's step: F.cross_entropy, loss.backward(), p.data += -lr * p.grad
     (b) eager      Model.loss_and_grads, the readable hand-written layers (train --eager)
-    (c) fast       fast.FastMLPStepper, the fused hand-written step (train's default)
+    (c) torch      fast.FastMLPStepper, the step fused into ~40 torch calls
+    (c) C          kernel.KernelMLPStepper, the step in C (mlp_step.c): train's default where built
+
+The C row is left out where the install could not build the C step.
 
 Each (loop, batch) runs in a fresh Python process, so that its peak memory is its own: the figure
 is the growth of the process's peak resident set size (ru_maxrss) from just before the first step
@@ -29,11 +32,12 @@ import sys
 import time
 from typing import NamedTuple
 
-LOOPS = ("autograd", "eager", "fast")
+LOOPS = ("autograd", "eager", "torch", "c")
 LABELS = {
     "autograd": "(a) autograd loop",
     "eager": "(b) hand-written, eager",
-    "fast": "(c) hand-written, fast",
+    "torch": "(c) fast, torch calls",
+    "c": "(c) fast, C step",
 }
 SMALL_BATCH = 32  # the lecture's
 N_TRAIN = 182_625  # examples in the names set's training split
@@ -67,6 +71,7 @@ def measure(loop: str, batch_size: int, steps: int, threads: int | None = None) 
     import torch.nn.functional as F
 
     from backprop_ninja.fast import make_fast_stepper
+    from backprop_ninja.kernel import make_kernel_stepper
     from backprop_ninja.models import ModelConfig, build_model
     from backprop_ninja.train import EagerStepper
 
@@ -107,9 +112,14 @@ def measure(loop: str, batch_size: int, steps: int, threads: int | None = None) 
 
         grad_mode = torch.enable_grad()
     else:
-        stepper = EagerStepper(model) if loop == "eager" else make_fast_stepper(model, batch_size)
-        if loop == "fast":
+        if loop == "eager":
+            stepper = EagerStepper(model)
+        elif loop == "torch":
+            stepper = make_fast_stepper(model, batch_size)
             threads = stepper.threads
+        else:
+            stepper = make_kernel_stepper(model, batch_size)
+            threads = 1  # plain C, one thread
 
         def step(Xb, Yb):
             return stepper.step(Xb, Yb, lr)
@@ -188,10 +198,10 @@ def format_table(results: list[Result], info: dict) -> str:
         )
     for batch_size, base in baseline.items():
         rows = {r.loop: r for r in results if r.batch_size == batch_size}
-        if "fast" in rows:
-            fast = rows["fast"]
+        fast = rows.get("c") or rows.get("torch")  # the step train takes
+        if fast is not None and "eager" in rows:
             lines.append(
-                f"batch {batch_size}: the fast step takes {fast.us_per_step / base.us_per_step:.3g}x the autograd "
+                f"batch {batch_size}: train's fast step ({'C' if fast.loop == 'c' else 'torch calls'}) takes {fast.us_per_step / base.us_per_step:.3g}x the autograd "
                 f"step's time ({fast.cpu_us_per_step / base.cpu_us_per_step:.3g}x its CPU time) and "
                 f"{fast.us_per_step / rows['eager'].us_per_step:.3g}x the eager step's; peak memory "
                 f"{fast.peak_mib:.1f} MiB against autograd's {base.peak_mib:.1f} MiB"
@@ -202,9 +212,12 @@ def format_table(results: list[Result], info: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     large_steps = max(MIN_LARGE_STEPS, args.steps // LARGE_BATCH_STEP_DIVISOR)
+    from backprop_ninja.kernel import kernel_available
+
+    loops = [loop for loop in LOOPS if loop != "c" or kernel_available()]
     results = []
     for batch_size, steps in ((SMALL_BATCH, args.steps), (args.large_batch, large_steps)):
-        for loop in LOOPS:
+        for loop in loops:
             if not args.json:
                 print(f"timing {LABELS[loop]} at batch {batch_size} ({steps} steps)...", file=sys.stderr)
             results.append(measure_in_subprocess(loop, batch_size, steps, args.threads))

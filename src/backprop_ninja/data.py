@@ -215,6 +215,34 @@ def build_dataset(words: list[str], vocab: Vocabulary, block_size: int) -> Split
     return Split(X, Y)
 
 
+class Contexts(NamedTuple):
+    rows: torch.Tensor  # (U, block_size) int64, each distinct context once
+    index: torch.Tensor  # (N,) int64: X[i] == rows[index[i]]
+    counts: torch.Tensor  # (U,) int64: how many rows of X are rows[u]
+
+
+def distinct_contexts(X: torch.Tensor) -> Contexts:
+    """The distinct rows of X (N, T) int64 ids, where each row of X is among them, and their counts.
+
+    Contexts repeat: the names set's 182,625 training windows of block size 3 hold 5,438 distinct
+    contexts. The network's output for a context does not depend on the others in eval mode, so
+    evaluation and BatchNorm calibration run the network once per distinct context and weigh it
+    by its count. Each row is packed into one int64 key (base = the largest id + 1), which sorts
+    in milliseconds where torch.unique(dim=0) takes a third of a second.
+    """
+    N, T = X.shape
+    base = int(X.max()) + 1 if N else 1
+    if base**T >= 2**62:  # the key would overflow: unique on whole rows, slower but exact
+        rows, index, counts = torch.unique(X, dim=0, return_inverse=True, return_counts=True)
+        return Contexts(rows, index, counts)
+    powers = base ** torch.arange(T - 1, -1, -1, dtype=torch.int64)  # (T,)
+    keys = (X * powers).sum(1)  # (N,)
+    unique_keys, index, counts = torch.unique(keys, return_inverse=True, return_counts=True)  # (U,), (N,), (U,)
+    rows = X.new_empty((unique_keys.shape[0], T))  # (U, T)
+    rows[index] = X  # every copy of a context writes the same row
+    return Contexts(rows, index, counts)
+
+
 def split_words(words: list[str], seed: int = SPLIT_SEED) -> dict[str, list[str]]:
     """Shuffle a copy with random.seed(seed) and cut 80/10/10, as the lecture does."""
     words = list(words)

@@ -142,12 +142,22 @@ class BatchNorm1d(Layer):
                 running.lerp_(batch_stat.reshape(running.shape).to(running.dtype), self.momentum)
         return out
 
-    def calibrate(self, x: Tensor) -> None:
-        """Set the buffers to the exact statistics of x (e.g. the whole training set)."""
+    def calibrate(self, x: Tensor, counts: Tensor | None = None) -> None:
+        """Set the buffers to the exact statistics of x (e.g. the whole training set).
+
+        counts (N,): row i of x stands for counts[i] identical rows (see data.distinct_contexts).
+        """
         dims = ops.batchnorm_dims(x)
         shape = self.params[self.gain_name].shape
-        self.buffers[self.mean_name].copy_(x.mean(dims).reshape(shape))
-        self.buffers[self.var_name].copy_(x.var(dims, unbiased=True).reshape(shape))
+        if counts is None:
+            mean, var = x.mean(dims), x.var(dims, unbiased=True)  # (H,), (H,)
+        else:
+            w = counts.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))  # (N, 1) or (N, 1, 1)
+            n = counts.sum().item() * (x[0].numel() // x.shape[-1])  # samples per feature
+            mean = (w * x).sum(dims) / n  # (H,)
+            var = (w * (x - mean) ** 2).sum(dims) / (n - 1)  # (H,) unbiased, as the lecture's
+        self.buffers[self.mean_name].copy_(mean.reshape(shape))
+        self.buffers[self.var_name].copy_(var.reshape(shape))
 
     def backward(self, dout: Tensor) -> Tensor:
         dx, dgain, dbias = ops.batchnorm_backward(dout, self.cache)
@@ -241,8 +251,9 @@ class Sequential(Layer):
                 for name in layer.params:
                     layer.params[name] = originals[name]
 
-    def calibrate(self, x: Tensor) -> None:
-        """Pass x through in eval mode, setting every BatchNorm's buffers to the statistics it sees.
+    def calibrate(self, x: Tensor, counts: Tensor | None = None) -> None:
+        """Pass x through in eval mode, setting every BatchNorm's buffers to the statistics it sees
+        (row i of x counted counts[i] times, when given).
 
         The pass stops at the last BatchNorm's input, as the lecture's does: no statistic depends
         on what comes after (for the lecture MLP that skips the tanh and the output layer).
@@ -250,7 +261,7 @@ class Sequential(Layer):
         last = max((i for i, layer in enumerate(self.layers) if isinstance(layer, BatchNorm1d)), default=-1)
         for layer in self.layers[: last + 1]:
             if isinstance(layer, BatchNorm1d):
-                layer.calibrate(x)
+                layer.calibrate(x, counts)
                 if layer is self.layers[last]:
                     break
             was_training, layer.training = layer.training, False

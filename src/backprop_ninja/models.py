@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backprop_ninja import ops
+from backprop_ninja.data import distinct_contexts
 from backprop_ninja.errors import UserError
 from backprop_ninja.layers import BatchNorm1d, Embedding, FlattenConsecutive, Layer, Linear, Sequential, Tanh
 
@@ -91,8 +92,12 @@ class Model:
 
     @torch.no_grad()
     def calibrate(self, X: Tensor) -> None:
-        """Set every BatchNorm's statistics to those of X, as the lecture does after training."""
-        self.net.calibrate(X)
+        """Set every BatchNorm's statistics to those of X, as the lecture does after training.
+
+        The network runs once per distinct context of X, each weighed by how often it occurs.
+        """
+        contexts = distinct_contexts(X)
+        self.net.calibrate(contexts.rows, contexts.counts)
 
     def __repr__(self) -> str:
         return f"Model({self.config.model}, {self.num_params()} parameters)\n{self.net!r}"

@@ -38,7 +38,7 @@ from torch import Tensor
 from backprop_ninja import checkpoint
 from backprop_ninja.checkpoint import RunInfo
 from backprop_ninja.compare import compare
-from backprop_ninja.data import Dataset, load_dataset, resolve_names
+from backprop_ninja.data import Dataset, distinct_contexts, load_dataset, resolve_names
 from backprop_ninja.diagnostics import TrainingMonitor
 from backprop_ninja.errors import UserError
 from backprop_ninja.models import LECTURE_SEED, Model, ModelConfig, build_model, get_spec
@@ -271,7 +271,11 @@ def load_run_data(input_path: str | None, block_size: int, vocab=None) -> RunDat
 
 
 def evaluate(model: Model, dataset: Dataset) -> dict[str, float | None]:
-    """Mean cross-entropy of each split in eval mode (BatchNorm buffers); None for an empty split."""
+    """Mean cross-entropy of each split in eval mode (BatchNorm buffers); None for an empty split.
+
+    The network runs once per distinct context of the split (data.distinct_contexts), EVAL_CHUNK
+    contexts at a time; every example then reads its target's log-probability from its context's row.
+    """
     device = model.device
     result: dict[str, float | None] = {}
     for name in ("train", "val", "test"):
@@ -279,12 +283,11 @@ def evaluate(model: Model, dataset: Dataset) -> dict[str, float | None]:
         if X.shape[0] == 0:
             result[name] = None
             continue
-        total = 0.0
-        for start in range(0, X.shape[0], EVAL_CHUNK):
-            logits = model.logits(X[start : start + EVAL_CHUNK].to(device))  # (chunk, V)
-            Yc = Y[start : start + EVAL_CHUNK].to(device)  # (chunk,)
-            total += F.cross_entropy(logits, Yc, reduction="sum").double().item()
-        result[name] = total / X.shape[0]
+        contexts = distinct_contexts(X)
+        logprobs = torch.cat([F.log_softmax(model.logits(rows.to(device)), dim=1)  # (chunk, V)
+                              for rows in contexts.rows.split(EVAL_CHUNK)])  # (U, V)
+        nll = -logprobs[contexts.index.to(device), Y.to(device)]  # (N,)
+        result[name] = nll.double().sum().item() / X.shape[0]
     return result
 
 
