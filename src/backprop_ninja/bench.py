@@ -200,9 +200,10 @@ def format_table(results: list[Result], info: dict) -> str:
         rows = {r.loop: r for r in results if r.batch_size == batch_size}
         fast = rows.get("c") or rows.get("torch")  # the step train takes
         if fast is not None and "eager" in rows:
+            kind = "C" if fast.loop == "c" else "torch calls"
             lines.append(
-                f"batch {batch_size}: train's fast step ({'C' if fast.loop == 'c' else 'torch calls'}) takes {fast.us_per_step / base.us_per_step:.3g}x the autograd "
-                f"step's time ({fast.cpu_us_per_step / base.cpu_us_per_step:.3g}x its CPU time) and "
+                f"batch {batch_size}: train's fast step ({kind}) takes {fast.us_per_step / base.us_per_step:.3g}x "
+                f"the autograd step's time ({fast.cpu_us_per_step / base.cpu_us_per_step:.3g}x its CPU time) and "
                 f"{fast.us_per_step / rows['eager'].us_per_step:.3g}x the eager step's; peak memory "
                 f"{fast.peak_mib:.1f} MiB against autograd's {base.peak_mib:.1f} MiB"
             )
