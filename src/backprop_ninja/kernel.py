@@ -124,4 +124,4 @@ class KernelMLPStepper:
             raise TypeError(f"the C step takes int64 ids, not {Xb.dtype} and {Yb.dtype}")
         Xb, Yb = Xb.contiguous(), Yb.contiguous()  # no copy for the slices train passes
         loss = self.lib.mlp_step(self.plan_ref, Xb.data_ptr(), Yb.data_ptr(), B, lr, self.work.data_ptr())
-        return torch.tensor(loss)
+        return torch.scalar_tensor(loss)  # float32 0-d; 1 us where torch.tensor(loss) takes 2.5-6
