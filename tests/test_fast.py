@@ -11,7 +11,7 @@ from backprop_ninja import bench, checkpoint
 from backprop_ninja.cli import main
 from backprop_ninja.data import load_dataset
 from backprop_ninja.fast import FastMLPStepper, make_fast_stepper, make_stepper
-from backprop_ninja.kernel import KernelMLPStepper, kernel_available, make_kernel_stepper
+from backprop_ninja.kernel import KernelMLPStepper, kernel_available, kernel_is_fast, make_kernel_stepper
 from backprop_ninja.models import ModelConfig, build_model
 from backprop_ninja.train import EagerStepper
 
@@ -122,7 +122,7 @@ def test_only_the_lecture_mlp_gets_a_fast_stepper():
     assert isinstance(make_stepper(deep, BATCH), EagerStepper)
     assert make_kernel_stepper(deep, BATCH) is None
     lecture = mlp(27)
-    fused = KernelMLPStepper if kernel_available() else FastMLPStepper  # the C step where it is built
+    fused = KernelMLPStepper if kernel_is_fast() else FastMLPStepper  # the C step where it runs its AVX2 code
     assert isinstance(make_stepper(lecture, BATCH), fused)
     assert isinstance(make_stepper(lecture, BATCH, fast=False), EagerStepper)
 

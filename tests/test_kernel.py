@@ -93,5 +93,12 @@ def test_no_c_step_for_another_dtype_or_device():
 
 def test_train_falls_back_to_the_torch_step_without_the_library(monkeypatch):
     monkeypatch.setattr(kernel, "load_library", lambda: None)
-    assert not kernel.kernel_available()
+    assert not kernel.kernel_available() and not kernel.kernel_is_fast()
+    assert isinstance(make_stepper(lecture_mlp(), 5), FastMLPStepper)
+
+
+@needs_kernel
+def test_train_leaves_the_step_to_torch_where_the_c_step_is_not_vectorized(monkeypatch):
+    assert isinstance(make_stepper(lecture_mlp(), 5), kernel.KernelMLPStepper if kernel.kernel_is_fast() else FastMLPStepper)
+    monkeypatch.setattr(kernel, "kernel_is_fast", lambda: False)  # a CPU without AVX2 and FMA
     assert isinstance(make_stepper(lecture_mlp(), 5), FastMLPStepper)

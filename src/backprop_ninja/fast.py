@@ -39,14 +39,15 @@ MLP_LAYERS = (Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh, Linear)
 
 
 def make_stepper(model: Model, batch_size: int, fast: bool = True):
-    """The stepper `train` uses: the C step, else the fused torch step, where the model is the
-    lecture MLP (and `fast`); the eager layers otherwise."""
-    from backprop_ninja.kernel import make_kernel_stepper
+    """The stepper `train` uses: the C step (where it runs its AVX2 code), else the fused torch
+    step, where the model is the lecture MLP (and `fast`); the eager layers otherwise."""
+    from backprop_ninja.kernel import kernel_is_fast, make_kernel_stepper
     from backprop_ninja.train import EagerStepper  # train imports this module: import when called
 
     if not fast:
         return EagerStepper(model)
-    return make_kernel_stepper(model, batch_size) or make_fast_stepper(model, batch_size) or EagerStepper(model)
+    kernel = make_kernel_stepper(model, batch_size) if kernel_is_fast() else None
+    return kernel or make_fast_stepper(model, batch_size) or EagerStepper(model)
 
 
 def is_lecture_mlp(model: Model) -> bool:

@@ -7,7 +7,9 @@ update in place on the model's own parameter storage. It computes what the torch
 agrees with it to float32 rounding (tests/test_kernel.py names the tolerances).
 
 The library is built with the package (setup.py). It is an optional extension: without a C
-compiler the install succeeds and `train` uses the torch step instead (`kernel_available()`).
+compiler the install succeeds, and `train` uses the torch step instead. `train` also leaves the
+step to torch on CPUs without AVX2 and FMA, where the C step's portable code is slow
+(`kernel_is_fast()`).
 
     stepper = make_kernel_stepper(model, batch_size)  # None when the library or the model does not fit
     loss = stepper.step(Xb, Yb, lr)                   # same contract as train.EagerStepper.step
@@ -58,13 +60,25 @@ def load_library() -> ctypes.CDLL | None:
     lib.mlp_step.argtypes = [plan_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
                              ctypes.c_void_p]
     lib.mlp_step.restype = ctypes.c_float
+    lib.mlp_steps.argtypes = [plan_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.mlp_steps.restype = None
     lib.mlp_tanh.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.mlp_tanh.restype = None
+    lib.mlp_step_is_vectorized.argtypes = []
+    lib.mlp_step_is_vectorized.restype = ctypes.c_int
     return lib
 
 
 def kernel_available() -> bool:
+    """Whether the install built the C step."""
     return load_library() is not None
+
+
+def kernel_is_fast() -> bool:
+    """Whether the C step runs its AVX2 code here (x86-64 with AVX2 and FMA): where `train` uses it."""
+    lib = load_library()
+    return lib is not None and bool(lib.mlp_step_is_vectorized())
 
 
 def make_kernel_stepper(model: Model, batch_size: int) -> "KernelMLPStepper | None":
@@ -116,12 +130,32 @@ class KernelMLPStepper:
 
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         """One SGD step on the batch (Xb (B, T) int64, Yb (B,) int64); returns the loss (0-d)."""
-        B = Xb.shape[0]
+        Xb, Yb = self._ids(Xb, Yb)
+        loss = self.lib.mlp_step(self.plan_ref, Xb.data_ptr(), Yb.data_ptr(), Yb.shape[0], lr, self.work.data_ptr())
+        return torch.scalar_tensor(loss)  # float32 0-d; 1 us where torch.tensor(loss) takes 2.5-6
+
+    def steps(self, Xs: Tensor, Ys: Tensor, lrs: list[float]) -> Tensor:
+        """len(lrs) steps in one call, on the batches Xs (S, B, T), Ys (S, B); returns the losses (S,).
+
+        The same as calling `step` on each batch in turn, bit for bit; `train` uses it for the
+        chunks of steps on which no per-step check (--verify-every, diagnostics) falls.
+        """
+        Xs, Ys = self._ids(Xs, Ys)
+        S, B = Ys.shape
+        lr = torch.tensor(lrs, dtype=torch.float32)  # (S,)
+        losses = torch.empty(S)  # (S,)
+        self.lib.mlp_steps(self.plan_ref, Xs.data_ptr(), Ys.data_ptr(), S, B, lr.data_ptr(), losses.data_ptr(),
+                           self.work.data_ptr())
+        return losses
+
+    def _ids(self, X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
+        """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size."""
+        if X.dtype != torch.int64 or Y.dtype != torch.int64:
+            raise TypeError(f"the C step takes int64 ids, not {X.dtype} and {Y.dtype}")
+        if X.shape != (*Y.shape, self.plan.T):
+            raise ValueError(f"contexts {tuple(X.shape)} do not fit targets {tuple(Y.shape)} and block size {self.plan.T}")
+        B = Y.shape[-1]
         if B != self.batch_size:
             self.batch_size = B
             self.work = torch.empty(self.lib.mlp_workspace_floats(self.plan_ref, B))
-        if Xb.dtype != torch.int64 or Yb.dtype != torch.int64:
-            raise TypeError(f"the C step takes int64 ids, not {Xb.dtype} and {Yb.dtype}")
-        Xb, Yb = Xb.contiguous(), Yb.contiguous()  # no copy for the slices train passes
-        loss = self.lib.mlp_step(self.plan_ref, Xb.data_ptr(), Yb.data_ptr(), B, lr, self.work.data_ptr())
-        return torch.scalar_tensor(loss)  # float32 0-d; 1 us where torch.tensor(loss) takes 2.5-6
+        return X.contiguous(), Y.contiguous()  # no copy for the slices train passes

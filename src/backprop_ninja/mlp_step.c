@@ -20,13 +20,26 @@
 #include <stdint.h>
 #include <string.h>
 
-/* One copy of each hot function per x86-64 level, picked once at load time by the CPU it runs on:
-   AVX-512 (v4), AVX2 + FMA (v3), or SSE2. Elsewhere, one portable copy. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+/* One copy of each hot function for x86-64 with AVX2 and FMA (x86-64-v3), one for any x86-64, the
+   one the CPU can run picked once at load time. Elsewhere, one portable copy. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define X86_64_V3_CLONES 1
+#define CLONED __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
+#define X86_64_V3_CLONES 0
 #define CLONED
 #endif
+
+/* 1 where the step runs its AVX2 copy. The portable copy computes the same step, ~10x slower (its
+   8-float vectors are split through the stack), so kernel.py leaves the step to torch there. */
+int mlp_step_is_vectorized(void) {
+#if X86_64_V3_CLONES
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v3");
+#else
+    return 0;
+#endif
+}
 
 typedef struct {
     int64_t T, E, H, V;                 /* block size, embedding width, hidden width, vocabulary */
@@ -41,63 +54,78 @@ typedef struct {
 /* ------------------------------------------------------------------------------------------ */
 /* matrix multiplication, blocked so that the partial sums stay in registers */
 
-typedef float vec16 __attribute__((vector_size(64)));  /* 16 floats: 1 AVX-512, 2 AVX2 or 4 SSE registers */
+/* 8 floats: one AVX2 register. A wider vector than the target has is split by the compiler, but
+   through the stack (20 times slower measured); on AVX-512 hardware 8-wide code is as fast here. */
+#define W 8
+typedef float vec __attribute__((vector_size(W * sizeof(float))));
 
-static inline __attribute__((always_inline)) vec16 load16(const float *p) {
-    vec16 v;
+static inline __attribute__((always_inline)) vec loadv(const float *p) {
+    vec v;
     memcpy(&v, p, sizeof v);  /* an unaligned load */
     return v;
 }
 
-/* out[m, j] = sum_k A[m * a_row + k * a_col] * Bm[k * ldb + j]  for m < M, j < N, k < Kd
-   (the strides of A let it be read transposed). Columns go in blocks of 64, each row's 64 partial
-   sums in 4 registers; what is left, in blocks of 16 whose sums run in 4 chains over k, so that no
-   multiply-add waits on the one before. A last partial block reads a zero-padded copy of its panel
-   of Bm (Kd x 16 floats of `panel`). */
+/* out[m, 0:width] = sum_k A[m * a_row + k * a_col] * Bm[k * ldb + 0:width] for m < M, width <= 4W:
+   each row's 4W partial sums in 4 registers over the whole sum */
+static inline __attribute__((always_inline)) void wide_block(int64_t M, int64_t Kd, const float *A, int64_t a_row,
+                                                             int64_t a_col, const float *restrict Bm, int64_t ldb,
+                                                             float *restrict out, int64_t ldo, int64_t width) {
+    for (int64_t m = 0; m < M; m++) {
+        vec acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
+        for (int64_t k = 0; k < Kd; k++) {
+            const float a = A[m * a_row + k * a_col];
+            const float *b = Bm + k * ldb;
+            acc0 += a * loadv(b);
+            acc1 += a * loadv(b + W);
+            acc2 += a * loadv(b + 2 * W);
+            acc3 += a * loadv(b + 3 * W);
+        }
+        const vec row[4] = {acc0, acc1, acc2, acc3};
+        if (width == 4 * W) {
+            memcpy(out + m * ldo, row, sizeof row);  /* a constant size: inlined */
+        } else {
+            for (int64_t l = 0; l < width; l++) out[m * ldo + l] = row[l / W][l % W];
+        }
+    }
+}
+
+/* out[m, 0:W] = sum_k A[m * a_row + k * a_col] * Bm[k * ldb + 0:W] for m < M: the sum over k in 4
+   chains, so that no multiply-add waits on the one before */
+static inline __attribute__((always_inline)) void narrow_block(int64_t M, int64_t Kd, const float *A, int64_t a_row,
+                                                               int64_t a_col, const float *restrict Bm, int64_t ldb,
+                                                               float *restrict out, int64_t ldo) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *a = A + m * a_row;
+        vec acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
+        int64_t k = 0;
+        for (; k + 4 <= Kd; k += 4) {
+            acc0 += a[k * a_col] * loadv(Bm + k * ldb);
+            acc1 += a[(k + 1) * a_col] * loadv(Bm + (k + 1) * ldb);
+            acc2 += a[(k + 2) * a_col] * loadv(Bm + (k + 2) * ldb);
+            acc3 += a[(k + 3) * a_col] * loadv(Bm + (k + 3) * ldb);
+        }
+        for (; k < Kd; k++) acc0 += a[k * a_col] * loadv(Bm + k * ldb);
+        const vec sum = (acc0 + acc1) + (acc2 + acc3);
+        memcpy(out + m * ldo, &sum, sizeof sum);
+    }
+}
+
+/* out[m, j] = sum_k A[m * a_row + k * a_col] * Bm[k * ldb + j] for m < M, j < N, k < Kd (the
+   strides of A let it be read transposed). Columns go in blocks of 4W; a last block of W columns
+   in the narrow kernel; any other rest from a zero-padded copy of its panel of Bm, Kd x 4W floats
+   of `panel`. */
 static inline __attribute__((always_inline)) void matmul(int64_t M, int64_t N, int64_t Kd, const float *A, int64_t a_row,
                                                          int64_t a_col, const float *restrict Bm, int64_t ldb,
                                                          float *restrict out, int64_t ldo, float *restrict panel) {
     int64_t j = 0;
-    for (; j + 64 <= N; j += 64)
-        for (int64_t m = 0; m < M; m++) {
-            vec16 acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
-            for (int64_t k = 0; k < Kd; k++) {
-                const float a = A[m * a_row + k * a_col];
-                const float *b = Bm + k * ldb + j;
-                acc0 += a * load16(b);
-                acc1 += a * load16(b + 16);
-                acc2 += a * load16(b + 32);
-                acc3 += a * load16(b + 48);
-            }
-            memcpy(out + m * ldo + j, &acc0, sizeof acc0);
-            memcpy(out + m * ldo + j + 16, &acc1, sizeof acc1);
-            memcpy(out + m * ldo + j + 32, &acc2, sizeof acc2);
-            memcpy(out + m * ldo + j + 48, &acc3, sizeof acc3);
-        }
-    for (; j < N; j += 16) {
-        const int64_t width = N - j < 16 ? N - j : 16;
-        const float *Bj = Bm + j;
-        int64_t ldbj = ldb;
-        if (width < 16) {
-            memset(panel, 0, Kd * 16 * sizeof(float));
-            for (int64_t k = 0; k < Kd; k++) memcpy(panel + k * 16, Bm + k * ldb + j, width * sizeof(float));
-            Bj = panel;
-            ldbj = 16;
-        }
-        for (int64_t m = 0; m < M; m++) {
-            const float *a = A + m * a_row;
-            vec16 acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
-            int64_t k = 0;
-            for (; k + 4 <= Kd; k += 4) {
-                acc0 += a[k * a_col] * load16(Bj + k * ldbj);
-                acc1 += a[(k + 1) * a_col] * load16(Bj + (k + 1) * ldbj);
-                acc2 += a[(k + 2) * a_col] * load16(Bj + (k + 2) * ldbj);
-                acc3 += a[(k + 3) * a_col] * load16(Bj + (k + 3) * ldbj);
-            }
-            for (; k < Kd; k++) acc0 += a[k * a_col] * load16(Bj + k * ldbj);
-            vec16 sum = (acc0 + acc1) + (acc2 + acc3);
-            memcpy(out + m * ldo + j, &sum, width * sizeof(float));
-        }
+    for (; j + 4 * W <= N; j += 4 * W) wide_block(M, Kd, A, a_row, a_col, Bm + j, ldb, out + j, ldo, 4 * W);
+    const int64_t rest = N - j;
+    if (rest == W) {
+        narrow_block(M, Kd, A, a_row, a_col, Bm + j, ldb, out + j, ldo);
+    } else if (rest > 0) {
+        memset(panel, 0, Kd * 4 * W * sizeof(float));
+        for (int64_t k = 0; k < Kd; k++) memcpy(panel + k * 4 * W, Bm + k * ldb + j, rest * sizeof(float));
+        wide_block(M, Kd, A, a_row, a_col, panel, 4 * W, out + j, ldo, rest);
     }
 }
 
@@ -174,7 +202,7 @@ int64_t mlp_workspace_floats(const MLP *m, int64_t B) {
     longest = K > longest ? K : longest;
     longest = H > longest ? H : longest;
     longest = V > longest ? V : longest;
-    return 2 * B * K + 3 * B * H + B * V + 2 * V * H + 2 * K * H + 9 * H + 2 * V + 16 * longest;
+    return 2 * B * K + 3 * B * H + B * V + 2 * V * H + 2 * K * H + 9 * H + 2 * V + 4 * W * longest;
 }
 
 /* One step on the batch (X (B, T), Y (B,) int64 ids); updates the parameters and the BatchNorm
@@ -191,8 +219,8 @@ CLONED float mlp_step(const MLP *m, const int64_t *restrict X, const int64_t *re
     float *dh = h + B * H;             /* (B, H) dh, then dhpreact, then dhprebn */
     float *probs = dh + B * H;         /* (B, V) logits, then dlogits */
     float *W2T = probs + B * V;        /* (V, H) W2 before the update, transposed */
-    float *dW2 = W2T + V * H;          /* (H, V) */
-    float *W1T = dW2 + V * H;          /* (H, K) W1 before the update, transposed */
+    float *dW2T = W2T + V * H;         /* (V, H) */
+    float *W1T = dW2T + V * H;         /* (H, K) W1 before the update, transposed */
     float *dW1 = W1T + K * H;          /* (K, H) */
     float *mean = dW1 + K * H;         /* (H,) */
     float *var = mean + H;             /* (H,) */
@@ -204,7 +232,7 @@ CLONED float mlp_step(const MLP *m, const int64_t *restrict X, const int64_t *re
     float *hpreact = dbias + H;        /* (H,) one row at a time */
     float *db2 = hpreact + H;          /* (V,) */
     float *expd = db2 + V;             /* (V,) one row at a time */
-    float *panel = expd + V;           /* (max(B, K, H, V), 16) for matmul */
+    float *panel = expd + V;           /* (max(B, K, H, V), 4W) for matmul */
 
     /* an id outside the vocabulary would index outside C: no step, and a NaN loss to say so */
     for (int64_t i = 0; i < B * T; i++)
@@ -271,7 +299,7 @@ CLONED float mlp_step(const MLP *m, const int64_t *restrict X, const int64_t *re
     /* logits = h @ W2 + b2: dh = dlogits @ W2.T, dW2 = h.T @ dlogits, db2 = dlogits.sum(0) */
     transpose(H, V, m->W2, W2T);
     matmul(B, H, V, dlogits, V, 1, W2T, H, dh, H, panel);
-    matmul(H, V, B, h, 1, H, dlogits, V, dW2, V, panel);
+    matmul(V, H, B, dlogits, 1, V, h, H, dW2T, H, panel);  /* dW2.T = dlogits.T @ h */
     memset(db2, 0, V * sizeof(float));
     for (int64_t b = 0; b < B; b++)
         for (int64_t v = 0; v < V; v++) db2[v] += dlogits[b * V + v];
@@ -302,7 +330,8 @@ CLONED float mlp_step(const MLP *m, const int64_t *restrict X, const int64_t *re
 
     /* update: p -= lr * dp -------------------------------------------------------------------- */
     for (int64_t i = 0; i < K * H; i++) m->W1[i] -= lr * dW1[i];
-    for (int64_t i = 0; i < H * V; i++) m->W2[i] -= lr * dW2[i];
+    for (int64_t j = 0; j < H; j++)
+        for (int64_t v = 0; v < V; v++) m->W2[j * V + v] -= lr * dW2T[v * H + j];
     for (int64_t j = 0; j < H; j++) {
         m->b1[j] -= lr * db1[j];
         m->gain[j] -= lr * dgain[j];
@@ -320,4 +349,11 @@ CLONED float mlp_step(const MLP *m, const int64_t *restrict X, const int64_t *re
             for (int64_t e = 0; e < E; e++) row[e] -= lr * grad[e];
         }
     return (float)(loss / B);
+}
+
+/* S steps, one after the other, on the batches X (S, B, T) and Y (S, B), step s at learning rate
+   lrs[s]; losses[s] gets step s's loss. The same as S calls of mlp_step, without S trips through Python. */
+CLONED void mlp_steps(const MLP *m, const int64_t *restrict X, const int64_t *restrict Y, int64_t S, int64_t B,
+                      const float *restrict lrs, float *restrict losses, float *restrict work) {
+    for (int64_t s = 0; s < S; s++) losses[s] = mlp_step(m, X + s * B * m->T, Y + s * B, B, lrs[s], work);
 }
