@@ -102,3 +102,25 @@ def test_train_leaves_the_step_to_torch_where_the_c_step_is_not_vectorized(monke
     assert isinstance(make_stepper(lecture_mlp(), 5), kernel.KernelMLPStepper if kernel.kernel_is_fast() else FastMLPStepper)
     monkeypatch.setattr(kernel, "kernel_is_fast", lambda: False)  # a CPU without AVX2 and FMA
     assert isinstance(make_stepper(lecture_mlp(), 5), FastMLPStepper)
+
+
+@needs_kernel
+def test_a_chunk_of_steps_in_one_call_is_its_steps_one_by_one_bit_for_bit():
+    one_call, one_by_one = lecture_mlp(hidden=37), lecture_mlp(hidden=37)
+    g = torch.Generator().manual_seed(1)
+    Xs = torch.randint(0, 7, (12, 5, 3), generator=g)  # (S, B, T)
+    Ys = torch.randint(0, 7, (12, 5), generator=g)  # (S, B)
+    lrs = [0.1] * 6 + [0.01] * 6
+    losses = kernel.make_kernel_stepper(one_call, 5).steps(Xs, Ys, lrs)  # (S,)
+    stepper = kernel.make_kernel_stepper(one_by_one, 5)
+    expected = torch.stack([stepper.step(Xb, Yb, lr) for Xb, Yb, lr in zip(Xs, Ys, lrs)])  # (S,)
+    assert torch.equal(losses, expected)
+    for name, t in [*one_by_one.params.items(), *one_by_one.buffers.items()]:
+        assert torch.equal({**one_call.params, **one_call.buffers}[name], t), name
+
+
+@needs_kernel
+def test_the_c_step_refuses_contexts_that_do_not_fit_its_block_size():
+    stepper = kernel.make_kernel_stepper(lecture_mlp(), 5)
+    with pytest.raises(ValueError, match="block size 3"):
+        stepper.step(torch.zeros(5, 4, dtype=torch.long), torch.zeros(5, dtype=torch.long), 0.1)

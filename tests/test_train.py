@@ -115,6 +115,17 @@ def test_a_stop_inside_a_chunk_leaves_the_generator_where_the_steps_done_leave_i
     assert losses[:13].isfinite().all() and losses[13:].isnan().all()
 
 
+def test_checks_due_finds_a_verified_or_diagnosed_step_inside_the_chunk():
+    class Monitor:
+        every = 1000
+
+    assert not train.checks_due(100, 200, None, None)
+    assert train.checks_due(100, 200, 7, None)  # 105 is verified
+    assert not train.checks_due(101, 105, 7, None) and train.checks_due(101, 106, 7, None)
+    assert train.checks_due(0, 100, None, Monitor()) and train.checks_due(900, 1001, None, Monitor())
+    assert not train.checks_due(1001, 2000, None, Monitor())
+
+
 def test_learning_rate_drops_tenfold_at_the_recipe_point():
     info = RunInfo(config=ModelConfig(), chars=("a",), input=None, input_sha256="", max_word_len=1, seed=0,
                    batch_size=32, lr=0.1, decay_at=0.5, steps=200_000, step=0, calibrated=False)
