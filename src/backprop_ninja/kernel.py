@@ -4,7 +4,7 @@ At the lecture's batch of 32 a step is ~2.3 MFLOP. `fast.FastMLPStepper` makes i
 and those calls cost more than their arithmetic. mlp_step.c makes it one call into plain loops:
 matrix products blocked so their partial sums stay in registers, tanh and exp in float64, and the
 update in place on the model's own parameter storage. It computes what the torch step computes and
-agrees with it to float32 rounding (tests/test_kernel.py names the tolerances).
+agrees with it to float32 rounding (tests/test_fast.py names the tolerances).
 
 The library is built with the package (setup.py). It is an optional extension: without a C
 compiler the install succeeds, and `train` uses the torch step instead. `train` also leaves the
@@ -13,6 +13,7 @@ step to torch on CPUs without AVX2 and FMA, where the C step's portable code is 
 
     stepper = make_kernel_stepper(model, batch_size)  # None when the library or the model does not fit
     loss = stepper.step(Xb, Yb, lr)                   # same contract as train.EagerStepper.step
+    losses = stepper.steps(Xs, Ys, lrs)               # many steps in one call: (S, B, T), (S, B), S floats
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from backprop_ninja.fast import is_lecture_mlp
 from backprop_ninja.models import Model
 
 LIBRARY_STEM = "_mlp_step"  # setup.py builds backprop_ninja/_mlp_step<extension suffix>
+ABI = 1  # mlp_step_abi(): a library built from another layout of `MLP` is not loaded
 _float_p = ctypes.POINTER(ctypes.c_float)
 
 
@@ -54,6 +56,9 @@ def load_library() -> ctypes.CDLL | None:
     else:
         return None
     lib = ctypes.CDLL(str(path))
+    lib.mlp_step_abi.restype = ctypes.c_int
+    if lib.mlp_step_abi() != ABI:  # a stale build: `pip install -e .` (or `make`) rebuilds it
+        return None
     plan_p = ctypes.POINTER(MLPPlan)
     lib.mlp_workspace_floats.argtypes = [plan_p, ctypes.c_int64]
     lib.mlp_workspace_floats.restype = ctypes.c_int64

@@ -41,6 +41,9 @@ int mlp_step_is_vectorized(void) {
 #endif
 }
 
+/* The layout of MLP below; kernel.py's MLPPlan mirrors it and checks this number (kernel.ABI). */
+int mlp_step_abi(void) { return 1; }
+
 typedef struct {
     int64_t T, E, H, V;                 /* block size, embedding width, hidden width, vocabulary */
     float *C;                           /* (V, E) embedding table */
