@@ -115,15 +115,16 @@ def test_a_stop_inside_a_chunk_leaves_the_generator_where_the_steps_done_leave_i
     assert losses[:13].isfinite().all() and losses[13:].isnan().all()
 
 
-def test_checks_due_finds_a_verified_or_diagnosed_step_inside_the_chunk():
+def test_next_checked_is_the_first_verified_or_diagnosed_step_of_the_chunk():
     class Monitor:
         every = 1000
 
-    assert not train.checks_due(100, 200, None, None)
-    assert train.checks_due(100, 200, 7, None)  # 105 is verified
-    assert not train.checks_due(101, 105, 7, None) and train.checks_due(101, 106, 7, None)
-    assert train.checks_due(0, 100, None, Monitor()) and train.checks_due(900, 1001, None, Monitor())
-    assert not train.checks_due(1001, 2000, None, Monitor())
+    assert train.next_checked(100, 200, None, None) == 200  # nothing checked: the chunk's end
+    assert train.next_checked(100, 200, 7, None) == 105
+    assert train.next_checked(105, 200, 7, None) == 105  # a checked step is its own next
+    assert train.next_checked(101, 105, 7, None) == 105
+    assert train.next_checked(0, 100, 7, Monitor()) == 0 and train.next_checked(900, 1001, None, Monitor()) == 1000
+    assert train.next_checked(1001, 2000, None, Monitor()) == 2000
 
 
 def test_learning_rate_drops_tenfold_at_the_recipe_point():

@@ -123,10 +123,10 @@ def verify_gradients(model: Model, Xb: Tensor, Yb: Tensor, step: int) -> None:
             )
 
 
-def checks_due(start: int, end: int, verify_every: int | None, monitor: TrainingMonitor | None) -> bool:
-    """Whether --verify-every or the diagnostics monitor checks a step in [start, end)."""
-    everies = [verify_every or 0, monitor.every if monitor is not None else 0]
-    return any(every and (-start) % every < end - start for every in everies)  # next multiple of every < end
+def next_checked(step: int, end: int, verify_every: int | None, monitor: TrainingMonitor | None) -> int:
+    """The first step in [step, end) that --verify-every or the diagnostics monitor checks; end if none."""
+    everies = [every for every in (verify_every, monitor.every if monitor is not None else None) if every]
+    return min([end] + [step + (-step) % every for every in everies])
 
 
 def check_finite(losses: Tensor, start: int, stop: int) -> None:
@@ -235,23 +235,23 @@ def train_steps(
             g_before = g.get_state()
             ix = torch.randint(0, n_train, (end - step, info.batch_size), generator=g)  # (steps, B)
             Xc, Yc = X[ix], Y[ix]  # (steps, B, T), (steps, B)
-            if run_chunk is not None and not checks_due(start, end, verify_every, monitor):
-                losses[start:end] = run_chunk(Xc, Yc, [lr_at(s, info) for s in range(start, end)])  # (steps,)
-                step = end
-            chunk_losses = []  # 0-d tensors, stacked once: losses[step] = loss costs ~3 us a step
-            for Xb, Yb in zip(Xc[step - start:].unbind(0), Yc[step - start:].unbind(0)):  # (B, T), (B,)
+            while step < end and not (stop is not None and stop.requested):
+                # the steps before the next checked one, in one call where the stepper takes many
+                upto = next_checked(step, end, verify_every, monitor) if run_chunk is not None else step
+                if upto > step:
+                    i, j = step - start, upto - start
+                    losses[step:upto] = run_chunk(Xc[i:j], Yc[i:j], [lr_at(s, info) for s in range(step, upto)])
+                    step = upto
+                    continue
+                Xb, Yb = Xc[step - start], Yc[step - start]  # (B, T), (B,)
                 if verify_every and step % verify_every == 0:
                     verify_gradients(model, Xb, Yb, step)  # the gradients of this very update
                 lr = lr_at(step, info)
-                chunk_losses.append(stepper.step(Xb, Yb, lr))
+                losses[step] = stepper.step(Xb, Yb, lr)
                 if monitor is not None:  # one extra eager step every DIAGNOSE_EVERY steps
                     for warning in monitor.observe(step, Xb, Yb, lr):
                         (progress.write if progress is not None else print)(warning)
                 step += 1
-                if stop is not None and stop.requested:
-                    break
-            if chunk_losses:
-                losses[start:step] = torch.stack(chunk_losses)  # (steps done,)
             if step < end:  # stopped early: leave the generator where the steps done have left it
                 g.set_state(g_before)
                 torch.randint(0, n_train, (step - start, info.batch_size), generator=g)
