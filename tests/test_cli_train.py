@@ -310,3 +310,19 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert code == 1  # a failed check, not a bad input
     assert json.loads((run_dir / RUN_FILE).read_text())["step"] == 200
     assert all(t.isfinite().all() for t in tensors(run_dir).values() if t.is_floating_point())
+
+
+def test_the_command_flushes_its_output_and_keeps_its_exit_code(capsys, write_words, tmp_path):
+    # `backprop-ninja` ends with os._exit (cli.entry): buffered output must still arrive whole
+    run_dir = tmp_path / "run"
+    assert cli(capsys, "train", "--input", write_words(WORDS), "--out", run_dir, "--steps", 20, *TINY)[0] == 0
+    command = [sys.executable, "-m", "backprop_ninja"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([*command, "sample", "--out", str(run_dir), "-n", "500"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0 and done.stderr == ""
+    assert len(done.stdout.splitlines()) == 500
+    done = subprocess.run([*command, "eval", "--out", str(tmp_path / "missing")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert_one_line_error(done.returncode, done.stderr, "no such run directory")

@@ -1,5 +1,3 @@
-import sys
+from backprop_ninja.cli import entry
 
-from backprop_ninja.cli import main
-
-sys.exit(main())
+entry()
