@@ -1,4 +1,7 @@
-"""The fast training step: the lecture MLP's forward, hand-written backward and SGD update, fused.
+"""The torch step: the lecture MLP's forward, hand-written backward and SGD update, fused.
+
+`train` uses it where the C step of kernel.py is not built or not vectorised; `make_stepper`
+picks the step.
 
 `models.Model.loss_and_grads` is the readable reference: one op per layer, caches, dicts. At the
 lecture's batch of 32 its arithmetic is ~2.3 MFLOP, so a step costs what the *calls* cost, not the

@@ -77,6 +77,9 @@ class TrainingStopped(UserError):
 
 
 class Stepper(Protocol):
+    """What train_steps drives. A stepper may also have `steps(Xs, Ys, lrs) -> Tensor`, many steps
+    in one call (kernel.KernelMLPStepper); train_steps then uses it between checked steps."""
+
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         """Forward, hand-written backward and an SGD update of the model in place; returns the loss (0-d)."""
         ...
