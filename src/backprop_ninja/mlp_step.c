@@ -11,9 +11,9 @@
  * Every matrix is row-major float32, as torch stores a contiguous tensor.
  *
  * Numerics: each line computes what the matching line of fast.py computes, in float32, but sums in
- * another order (16 partial sums in `dot`, the batch in row order), so the two agree to float32
- * rounding, not bit for bit. tanh and exp are computed in float64 and rounded once (`exp64`), so
- * they are correctly rounded floats but for rare double-rounding ties (tests/test_kernel.py).
+ * another order (the blocks of `matmul`, the batch in row order), so the two agree to float32
+ * rounding, not bit for bit (tests/test_fast.py). tanh and exp are computed in float64 and rounded
+ * once (`exp64`): correctly rounded floats but for rare double-rounding ties (tests/test_kernel.py).
  */
 
 #include <math.h>
