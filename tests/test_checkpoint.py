@@ -138,7 +138,8 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path):
     record = json.loads((run_dir / RUN_FILE).read_text())
     record["config"]["n_hidden"] = 8
     (run_dir / RUN_FILE).write_text(json.dumps(record))
-    with pytest.raises(UserError, match=r"param.W1 is torch.float32 \(12, 7\), the model needs torch.float32 \(12, 8\)"):
+    needs = r"param.W1 is torch.float32 \(12, 7\), the model needs torch.float32 \(12, 8\)"
+    with pytest.raises(UserError, match=needs):
         checkpoint.load(run_dir)
 
 
@@ -169,3 +170,35 @@ def test_an_unavailable_device_is_refused():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             checkpoint.resolve_device("cuda")
+
+
+def test_the_weight_average_and_its_count_round_trip(tmp_path):
+    run_dir, model, info, g, losses = make_run(tmp_path)
+    average = {name: torch.randn(p.shape, generator=g) for name, p in model.params.items()}
+    averaged = info.__class__(**{**info.__dict__, "average_from": 0.25, "averaged": 3})
+    checkpoint.save(run_dir, model, averaged, g.get_state(), losses, average)
+    loaded = checkpoint.load(run_dir)
+    assert loaded.info.average_from == 0.25 and loaded.info.averaged == 3
+    for name, mean in average.items():
+        assert torch.equal(loaded.average[name], mean), name
+    assert checkpoint.load(make_run(tmp_path, name="plain")[0]).average is None
+
+
+def test_a_record_written_before_weight_averaging_still_loads(tmp_path):
+    run_dir, _, info, _, _ = make_run(tmp_path)
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    del record["average_from"], record["averaged"]
+    (run_dir / RUN_FILE).write_text(json.dumps(record))
+    loaded = checkpoint.load(run_dir)
+    assert loaded.info == info and loaded.info.average_from is None and loaded.average is None
+
+
+@pytest.mark.parametrize("field, value", [("average_from", 1.0), ("average_from", "0.5"), ("averaged", -1),
+                                          ("averaged", 2)])  # 2 snapshots of a run that does not average
+def test_a_bad_weight_average_record_is_refused(tmp_path, field, value):
+    run_dir = make_run(tmp_path)[0]
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    record[field] = value
+    (run_dir / RUN_FILE).write_text(json.dumps(record))
+    with pytest.raises(UserError, match=f"corrupt run record.*{field}"):
+        checkpoint.load(run_dir)

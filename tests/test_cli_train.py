@@ -125,12 +125,17 @@ def test_verify_every_passes_on_the_hand_written_gradients(capsys, write_words, 
 # resume
 
 
-def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(capsys, write_words, tmp_path, monkeypatch):
-    from backprop_ninja import fast
+# with the weights averaged from step 12: snapshots at steps 20, 30 (then Ctrl-C), 40, 50, 60
+@pytest.mark.parametrize("averaging", [[], ["--average-from", "0.2"]])
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(capsys, write_words, tmp_path, monkeypatch,
+                                                                  averaging):
+    from backprop_ninja import fast, train
 
+    monkeypatch.setattr(train, "SYNC_EVERY", 10)  # chunks of 10 steps: the average gets its snapshots
     words = write_words(WORDS)
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    assert cli(capsys, "train", "--input", words, "--out", whole, "--steps", 60, *TINY, "--seed", 5)[0] == 0
+    assert cli(capsys, "train", "--input", words, "--out", whole, "--steps", 60, *TINY, "--seed", 5,
+               *averaging)[0] == 0
 
     make_stepper = fast.make_stepper
 
@@ -148,14 +153,49 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(capsys, write_
 
     with monkeypatch.context() as patch:
         patch.setattr(fast, "make_stepper", ctrl_c_during_step_30)
-        code, _, err = cli(capsys, "train", "--input", words, "--out", halves, "--steps", 60, *TINY, "--seed", 5)
+        code, _, err = cli(capsys, "train", "--input", words, "--out", halves, "--steps", 60, *TINY, "--seed", 5,
+                           *averaging)
     assert code == 130 and "interrupted at step 30/60" in err
+    assert json.loads((halves / RUN_FILE).read_text())["averaged"] == (2 if averaging else 0)
     code, _, err = cli(capsys, "train", "--resume", "--out", halves)
     assert code == 0, err
     a, b = tensors(whole), tensors(halves)
     assert a.keys() == b.keys()
-    for name in a:  # parameters, BatchNorm statistics, generator state, every loss
+    for name in a:  # parameters, BatchNorm statistics, generator state, every loss, the average
         assert a[name].equal(b[name]), name
+    assert json.loads((whole / RUN_FILE).read_text())["averaged"] == (5 if averaging else 0)
+
+
+def test_the_reported_weights_are_the_average_where_the_recipe_averages(capsys, write_words, tmp_path, monkeypatch):
+    from backprop_ninja import train
+
+    monkeypatch.setattr(train, "SYNC_EVERY", 10)
+    common = ["train", "--input", write_words(WORDS), "--steps", 60, *TINY, "--seed", 5]
+    assert cli(capsys, *common, "--out", tmp_path / "last", "--no-average")[0] == 0
+    assert cli(capsys, *common, "--out", tmp_path / "avg", "--average-from", "0.5")[0] == 0
+    last, avg = tensors(tmp_path / "last"), tensors(tmp_path / "avg")
+    assert json.loads((tmp_path / "avg" / RUN_FILE).read_text())["averaged"] == 4  # steps 30, 40, 50, 60
+    for name in [k for k in avg if k.startswith("param.")]:
+        assert avg[name].equal(avg["average." + name.removeprefix("param.")]), name  # the model is the average
+        if name != "param.b1":  # b1 is followed by BatchNorm: its gradient is zero, it never moves
+            assert not avg[name].equal(last[name]), name  # and not the last weights
+    assert not any(k.startswith("average.") for k in last)
+    assert [k for k in last if k.startswith("buffer.")] and not all(
+        last[k].equal(avg[k]) for k in last if k.startswith("buffer."))  # BatchNorm calibrated for the average
+    code, _, err = cli(capsys, "train", "--resume", "--out", tmp_path / "avg", "--steps", 80, "--no-average")
+    assert_one_line_error(code, err, "--no-average", "averages its weights")
+    code, _, err = cli(capsys, "train", "--resume", "--out", tmp_path / "avg", "--steps", 80, "--average-from", "0.1")
+    assert_one_line_error(code, err, "--average-from", "differs from the run")
+
+
+def test_wavenet_averages_its_weights_by_default(capsys, write_words, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--model", "wavenet", "--input", write_words(WORDS), "--out", run_dir,
+                       "--steps", 8, "--embd", 3, "--hidden", 4, "--batch-size", 4)
+    assert code == 0, err
+    assert json.loads((run_dir / RUN_FILE).read_text())["average_from"] == 0.75
+    code, _, err = cli(capsys, "train", "--input", write_words(WORDS), "--out", tmp_path / "mlp", "--steps", 8, *TINY)
+    assert json.loads((tmp_path / "mlp" / RUN_FILE).read_text())["average_from"] is None
 
 
 def test_resume_refuses_settings_that_differ_from_the_run(capsys, write_words, tmp_path):

@@ -99,7 +99,8 @@ def test_train_falls_back_to_the_torch_step_without_the_library(monkeypatch):
 
 @needs_kernel
 def test_train_leaves_the_step_to_torch_where_the_c_step_is_not_vectorized(monkeypatch):
-    assert isinstance(make_stepper(lecture_mlp(), 5), kernel.KernelMLPStepper if kernel.kernel_is_fast() else FastMLPStepper)
+    expected = kernel.KernelMLPStepper if kernel.kernel_is_fast() else FastMLPStepper
+    assert isinstance(make_stepper(lecture_mlp(), 5), expected)
     monkeypatch.setattr(kernel, "kernel_is_fast", lambda: False)  # a CPU without AVX2 and FMA
     assert isinstance(make_stepper(lecture_mlp(), 5), FastMLPStepper)
 

@@ -127,6 +127,24 @@ def test_next_checked_is_the_first_verified_or_diagnosed_step_of_the_chunk():
     assert train.next_checked(1001, 2000, None, Monitor()) == 2000
 
 
+def test_weight_average_is_the_mean_of_the_snapshots_from_its_first_step():
+    params = {"W": torch.zeros(2, 3), "b": torch.zeros(3)}
+    average = train.WeightAverage(first=200)
+    snapshots = []
+    for step in range(100, 601, 50):  # snapshots at the multiples of SYNC_EVERY from 200 on
+        for p in params.values():
+            p.normal_()
+        average.observe(step, params)
+        if step >= 200 and step % train.SYNC_EVERY == 0:
+            snapshots.append({k: p.clone() for k, p in params.items()})
+    assert average.count == len(snapshots) == 5
+    for name in params:
+        expected = torch.stack([snap[name] for snap in snapshots]).mean(0)
+        torch.testing.assert_close(average.mean[name], expected, rtol=1e-6, atol=1e-6)  # float32 running mean
+    average.apply(params)
+    assert all(torch.equal(params[k], average.mean[k]) for k in params)
+
+
 def test_learning_rate_drops_tenfold_at_the_recipe_point():
     info = RunInfo(config=ModelConfig(), chars=("a",), input=None, input_sha256="", max_word_len=1, seed=0,
                    batch_size=32, lr=0.1, decay_at=0.5, steps=200_000, step=0, calibrated=False)

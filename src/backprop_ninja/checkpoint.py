@@ -1,6 +1,7 @@
 """The run directory: a checkpoint that can be resumed bit for bit and never executes code.
 
-    DIR/model.safetensors   parameters, BatchNorm buffers, the batch generator's state, the losses so far
+    DIR/model.safetensors   parameters, BatchNorm buffers, the batch generator's state, the losses so far,
+                            and the running weight average of a run that averages
     DIR/run.json            config, vocabulary, word list, hyperparameters, recipe, step
 
 Tensors go to safetensors and everything else to JSON, so loading is parsing, never unpickling: a
@@ -45,6 +46,7 @@ PARAM_PREFIX = "param."
 BUFFER_PREFIX = "buffer."
 GENERATOR_KEY = "generator"  # (S,) uint8: torch.Generator.get_state() of the batch generator
 LOSSES_KEY = "losses"  # (step,) float32: the training loss of every step so far
+AVERAGE_PREFIX = "average."  # the running mean of each parameter (RunInfo.averaged > 0)
 
 SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own cap on the JSON header
 
@@ -65,6 +67,10 @@ class RunInfo:
     steps: int  # the total the run is heading for
     step: int  # steps done
     calibrated: bool  # BatchNorm buffers hold the training set's statistics (set at the end)
+    # the weights are averaged over the steps after this fraction (None: not averaged), and the
+    # average holds `averaged` snapshots so far; absent from records written before averaging
+    average_from: float | None = None
+    averaged: int = 0
 
     @property
     def vocab(self) -> Vocabulary:
@@ -78,6 +84,8 @@ class RunInfo:
     @classmethod
     def from_json(cls, record: dict, where: Path) -> "RunInfo":
         """Parse run.json's record, checking every field's presence and type."""
+        optional = {"average_from": None, "averaged": 0}
+        record = optional | record
         expected = {f.name for f in fields(cls)}
         missing = expected - record.keys()
         if missing:
@@ -93,10 +101,16 @@ class RunInfo:
                 _check_type(getattr(config, f.name), int if f.name != "model" else str, f"config.{f.name}")
             for name, kind in (("max_word_len", int), ("seed", int), ("batch_size", int), ("lr", float),
                                ("decay_at", float), ("steps", int), ("step", int), ("calibrated", bool),
-                               ("input_sha256", str)):
+                               ("input_sha256", str), ("averaged", int)):
                 _check_type(getattr(info, name), kind, name)
             if info.input is not None:
                 _check_type(info.input, str, "input")
+            if info.average_from is not None:
+                _check_type(info.average_from, float, "average_from")
+                if not 0 <= info.average_from < 1:
+                    raise ValueError(f"average_from {info.average_from} is not within [0, 1)")
+            if info.averaged < 0 or (info.averaged and info.average_from is None):
+                raise ValueError(f"averaged {info.averaged} without a weight average")
             if not 0 <= info.step <= info.steps:
                 raise ValueError(f"step {info.step} is not within 0..steps ({info.steps})")
             if info.batch_size < 2 or info.lr <= 0 or info.max_word_len < 1:
@@ -119,21 +133,26 @@ class Checkpoint(NamedTuple):
     info: RunInfo
     generator_state: Tensor  # (S,) uint8, restore with torch.Generator().set_state(...)
     losses: Tensor  # (info.step,) float32
+    average: dict[str, Tensor] | None  # parameter name -> running mean; None before the first snapshot
 
 
 # ---------------------------------------------------------------------------------------------
 # save
 
 
-def save(run_dir: str | os.PathLike, model: Model, info: RunInfo, generator_state: Tensor, losses: Tensor) -> None:
+def save(run_dir: str | os.PathLike, model: Model, info: RunInfo, generator_state: Tensor, losses: Tensor,
+         average: dict[str, Tensor] | None = None) -> None:
     """Write the pair atomically: model.safetensors first, then run.json, both tagged with one save_id."""
     run_dir = Path(run_dir)
     if losses.shape != (info.step,):
         raise ValueError(f"losses has shape {tuple(losses.shape)}, expected ({info.step},)")
+    if (average is not None) != (info.averaged > 0):
+        raise ValueError(f"info.averaged is {info.averaged}, and the average is {'given' if average else 'None'}")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_id = uuid.uuid4().hex
     tensors = {PARAM_PREFIX + k: v for k, v in model.params.items()}
     tensors |= {BUFFER_PREFIX + k: v for k, v in model.buffers.items()}
+    tensors |= {AVERAGE_PREFIX + k: v for k, v in (average or {}).items()}
     tensors[GENERATOR_KEY] = generator_state
     tensors[LOSSES_KEY] = losses.float()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -169,6 +188,8 @@ def load(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> Chec
     model = build_model(info.config, torch.Generator().manual_seed(0))
     expected = {PARAM_PREFIX + k: v for k, v in model.params.items()}
     expected |= {BUFFER_PREFIX + k: v for k, v in model.buffers.items()}
+    average = {k: torch.empty_like(v) for k, v in model.params.items()} if info.averaged else None
+    expected |= {AVERAGE_PREFIX + k: v for k, v in (average or {}).items()}
     extra = tensors.keys() - expected.keys() - {GENERATOR_KEY, LOSSES_KEY}
     missing = (expected.keys() | {GENERATOR_KEY, LOSSES_KEY}) - tensors.keys()
     if missing or extra:
@@ -191,7 +212,9 @@ def load(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> Chec
     except RuntimeError:
         raise UserError(f"{model_path}: the generator state is corrupt") from None
     move_model(model, device)
-    return Checkpoint(model, info, generator_state, losses)
+    if average is not None:
+        average = {k: v.to(device) for k, v in average.items()}
+    return Checkpoint(model, info, generator_state, losses, average)
 
 
 def read_run_json(path: Path) -> tuple[dict, str]:

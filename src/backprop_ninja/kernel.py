@@ -158,7 +158,8 @@ class KernelMLPStepper:
         if X.dtype != torch.int64 or Y.dtype != torch.int64:
             raise TypeError(f"the C step takes int64 ids, not {X.dtype} and {Y.dtype}")
         if X.shape != (*Y.shape, self.plan.T):
-            raise ValueError(f"contexts {tuple(X.shape)} do not fit targets {tuple(Y.shape)} and block size {self.plan.T}")
+            raise ValueError(f"contexts {tuple(X.shape)} do not fit targets {tuple(Y.shape)} "
+                             f"and block size {self.plan.T}")
         B = Y.shape[-1]
         if B != self.batch_size:
             self.batch_size = B

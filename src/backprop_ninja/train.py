@@ -99,6 +99,36 @@ class EagerStepper:
         return loss
 
 
+class WeightAverage:
+    """Stochastic weight averaging (Izmailov et al., 2018): the running mean of the parameters,
+    taken after every SYNC_EVERY-th step from step `first` on. It does not change training: at the
+    end the mean replaces the weights, and BatchNorm is calibrated for them (the lecture's
+    calibration, which the averaged weights need: the statistics of the last weights are not theirs).
+
+    wavenet's recipe averages over its lr = 0.01 phase (models.ModelSpec.average_from).
+    """
+
+    def __init__(self, first: int, mean: dict[str, Tensor] | None = None, count: int = 0) -> None:
+        self.first = first
+        self.mean = mean  # name -> running mean of that parameter; None before the first snapshot
+        self.count = count  # snapshots in the mean
+
+    def observe(self, step: int, params: dict[str, Tensor]) -> None:
+        """Take a snapshot if `step` steps done is one of the averaged points."""
+        if step < self.first or step % SYNC_EVERY:
+            return
+        self.count += 1
+        if self.mean is None:
+            self.mean = {name: p.clone() for name, p in params.items()}
+        else:  # mean += (p - mean) / count
+            torch._foreach_lerp_(list(self.mean.values()), list(params.values()), 1 / self.count)
+
+    def apply(self, params: dict[str, Tensor]) -> None:
+        """Replace the parameters by their average (in place: every holder of them sees it)."""
+        for name, p in params.items():
+            p.copy_(self.mean[name])
+
+
 # ---------------------------------------------------------------------------------------------
 # checks during training
 
@@ -220,11 +250,13 @@ def train_steps(
     progress: Progress | None = None,
     stop: StopFlag | None = None,
     monitor: TrainingMonitor | None = None,
+    average: WeightAverage | None = None,
 ) -> int:
     """Train from step info.step up to info.steps; return the step reached (less on a stop request).
 
     X, Y: (N, T), (N,) the training split. losses: (info.steps,) float32, filled in as steps run.
     `save(step)` is called every SAVE_EVERY steps, only after the losses so far are known finite.
+    `average` takes its snapshots at the ends of chunks.
     """
     n_train = X.shape[0]
     step = info.step
@@ -259,6 +291,8 @@ def train_steps(
                 g.set_state(g_before)
                 torch.randint(0, n_train, (step - start, info.batch_size), generator=g)
             check_finite(losses, start, step)
+            if average is not None:
+                average.observe(step, model.params)
             if progress is not None:
                 progress.update(start, step, losses)
             if save is not None and step % SAVE_EVERY == 0 and step < info.steps:
@@ -322,13 +356,15 @@ def run(args: argparse.Namespace) -> int:
     model_name = args.model or DEFAULT_MODEL
     run_dir = Path(args.out or f"runs/{model_name}")
     run_state = resume(run_dir, args, device) if args.resume else start(args, model_name, device)
-    model, info, g, losses, data = run_state
+    model, info, g, losses, data, average = run_state
     X, Y = data.dataset.train.X.to(device), data.dataset.train.Y.to(device)  # (N, T), (N,)
     saved_step = info.step if args.resume else None
 
     def save(step: int, **changes) -> None:
         nonlocal saved_step
-        checkpoint.save(run_dir, model, replace(info, step=step, **changes), g.get_state(), losses[:step])
+        averaged = average.count if average is not None else 0
+        checkpoint.save(run_dir, model, replace(info, step=step, averaged=averaged, **changes), g.get_state(),
+                        losses[:step], average.mean if averaged else None)
         saved_step = step
 
     progress = Progress(info.step, info.steps)
@@ -337,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
         with sigint_requests_stop() as stop, torch_threads(threads_for(info.batch_size, info.config.n_hidden)):
             stepper = make_stepper(model, info.batch_size, fast=not getattr(args, "eager", False))
             step = train_steps(model, stepper, X, Y, g, losses, info, verify_every=args.verify_every,
-                               save=save, progress=progress, stop=stop, monitor=monitor)
+                               save=save, progress=progress, stop=stop, monitor=monitor, average=average)
             if step < info.steps:  # Ctrl-C: the losses up to `step` were checked by train_steps
                 save(step)
                 progress.close()
@@ -353,6 +389,8 @@ def run(args: argparse.Namespace) -> int:
         raise TrainingStopped(f"{err}; {kept}") from None
     progress.close()
 
+    if average is not None and average.count:
+        average.apply(model.params)  # the averaged weights are the model from here on
     model.calibrate(X)  # BatchNorm statistics of the whole training split, as the lecture
     save(info.steps, calibrated=True)
     if args.plots:
@@ -373,6 +411,7 @@ class Run(NamedTuple):
     g: torch.Generator
     losses: Tensor  # (info.steps,) float32; [:info.step] done, NaN after
     data: RunData
+    average: WeightAverage | None  # the run's weight average, if its recipe averages
 
 
 def start(args: argparse.Namespace, model_name: str, device: torch.device) -> Run:
@@ -393,9 +432,18 @@ def start(args: argparse.Namespace, model_name: str, device: torch.device) -> Ru
         max_word_len=max(len(w) for ws in ds.words.values() for w in ws), seed=seed,
         batch_size=args.batch_size or DEFAULT_BATCH_SIZE, lr=args.lr or DEFAULT_LR, decay_at=spec.decay_at,
         steps=steps, step=0, calibrated=False,
+        average_from=None if args.no_average else (spec.average_from if args.average_from is None
+                                                   else args.average_from),
     )
     losses = torch.full((steps,), math.nan, device=device)  # (steps,)
-    return Run(model, info, g, losses, data)
+    return Run(model, info, g, losses, data, weight_average(info))
+
+
+def weight_average(info: RunInfo, mean: dict[str, Tensor] | None = None) -> WeightAverage | None:
+    """The run's WeightAverage (with the snapshots taken so far), or None if its recipe does not average."""
+    if info.average_from is None:
+        return None
+    return WeightAverage(int(info.average_from * info.steps), mean, info.averaged)
 
 
 def resume(run_dir: Path, args: argparse.Namespace, device: torch.device) -> Run:
@@ -407,8 +455,11 @@ def resume(run_dir: Path, args: argparse.Namespace, device: torch.device) -> Run
         "--model": (args.model, config.model), "--block-size": (args.block_size, config.block_size),
         "--embd": (args.embd, config.n_embd), "--hidden": (args.hidden, config.n_hidden),
         "--seed": (args.seed, info.seed), "--batch-size": (args.batch_size, info.batch_size),
-        "--lr": (args.lr, info.lr),
+        "--lr": (args.lr, info.lr), "--average-from": (args.average_from, info.average_from),
     }
+    if args.no_average and info.average_from is not None:
+        raise UserError(f"--no-average: the run in {run_dir} averages its weights from {info.average_from} of its "
+                        "steps; a resumed run keeps its settings (omit the option, or start a new run)")
     for option, (value, recorded) in given.items():
         if value is not None and value != recorded:
             raise UserError(f"{option} {value} differs from the run in {run_dir} ({recorded}); "
@@ -423,7 +474,11 @@ def resume(run_dir: Path, args: argparse.Namespace, device: torch.device) -> Run
     g = torch.Generator().set_state(ckpt.generator_state)
     losses = torch.full((steps,), math.nan, device=device)  # (steps,)
     losses[: info.step] = ckpt.losses.to(device)
-    return Run(ckpt.model, replace(info, steps=steps, input=data.input), g, losses, data)
+    mean = ckpt.average
+    if steps != info.steps:  # a new total moves the averaging point: the average starts afresh
+        info, mean = replace(info, averaged=0), None
+    info = replace(info, steps=steps, input=data.input)
+    return Run(ckpt.model, info, g, losses, data, weight_average(info, mean))
 
 
 def check_trainable(data: RunData) -> None:
