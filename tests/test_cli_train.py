@@ -247,6 +247,9 @@ def test_ctrl_c_saves_a_checkpoint_says_where_and_exits_130(write_words, tmp_pat
     (["--steps", "0"], "--steps: must be at least 1"),
     (["--lr", "0"], "--lr: must be a finite number > 0"),
     (["--lr", "-0.1"], "--lr: must be a finite number > 0"),
+    (["--lr", "abc"], "--lr: expected a number, got 'abc'"),
+    (["--average-from", "1"], "--average-from: must be a fraction of the steps, 0 <= F < 1"),
+    (["--average-from", "0.5", "--no-average"], "--no-average: not allowed with argument --average-from"),
     (["--model", "transformer"], "unknown model 'transformer'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
 ])

@@ -40,21 +40,22 @@ def _int_at_least(lowest: int):
     return parse
 
 
-def _fraction(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a fraction of the steps, 0 <= F < 1, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
@@ -120,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=_positive_float, help="learning rate before the decay to lr/10 (default: 0.1)")
     g.add_argument("--seed", type=int, help=f"fixes initialisation and batches (default: {LECTURE_SEED})")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    g.add_argument("--average-from", type=_fraction, metavar="F",
-                   help="report the weights averaged over the steps after this fraction of the run "
-                        "(stochastic weight averaging; default: the model's recipe, 0.75 for wavenet, none else)")
-    g.add_argument("--no-average", action="store_true", help="report the last weights, not an average")
+    averaging = g.add_mutually_exclusive_group()
+    averaging.add_argument("--average-from", type=_fraction, metavar="F",
+                           help="report the weights averaged over the steps after this fraction of the run "
+                                "(stochastic weight averaging; default: the model's recipe, 0.75 for wavenet, "
+                                "none else)")
+    averaging.add_argument("--no-average", action="store_true", help="report the last weights, not an average")
     g.add_argument("--verify-every", type=positive_int, metavar="N",
                    help="every N steps, check the hand-written gradients against autograd")
     g.add_argument("--eager", action="store_true",
