@@ -1,7 +1,7 @@
-"""The package's one compiled part: the C training step (src/backprop_ninja/mlp_step.c).
+"""The package's one compiled part: the C training step (src/backprop_ninja/training/mlp_step.c).
 
 Everything else is declared in pyproject.toml. The step is an optional extension: where no C
-compiler is found the install still succeeds, and `train` uses the torch path (kernel.py).
+compiler is found the install still succeeds, and `train` uses the torch path (training/kernel.py).
 The library is plain C, loaded with ctypes: it needs neither torch's nor Python's headers.
 """
 
@@ -20,7 +20,7 @@ if FLAGS and platform.machine().lower() in ("x86_64", "amd64"):
 
 setup(
     ext_modules=[
-        Extension("backprop_ninja._mlp_step", ["src/backprop_ninja/mlp_step.c"], extra_compile_args=FLAGS,
+        Extension("backprop_ninja.training._mlp_step", ["src/backprop_ninja/training/mlp_step.c"], extra_compile_args=FLAGS,
                   optional=True),
     ],
 )

@@ -10,15 +10,15 @@ import shutil
 import pytest
 import torch
 
-from backprop_ninja import checkpoint
-from backprop_ninja.checkpoint import MODEL_FILE, RUN_FILE, RunInfo
+from backprop_ninja.training import checkpoint
+from backprop_ninja.training.checkpoint import MODEL_FILE, RUN_FILE, RunInfo
 from backprop_ninja.errors import UserError
-from backprop_ninja.models import ModelConfig, build_model
+from backprop_ninja.models import MLPConfig, build_model
 
 
 def make_run(tmp_path, step=5, name="run"):
     """A saved checkpoint of a small, slightly trained-looking model."""
-    config = ModelConfig("mlp", vocab_size=6, block_size=3, n_embd=4, n_hidden=7)
+    config = MLPConfig("mlp", vocab_size=6, block_size=3, n_embd=4, n_hidden=7)
     g = torch.Generator().manual_seed(123)
     model = build_model(config, g)
     for b in model.buffers.values():

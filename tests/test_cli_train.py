@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from backprop_ninja.checkpoint import MODEL_FILE, RUN_FILE
+from backprop_ninja.training.checkpoint import MODEL_FILE, RUN_FILE
 from backprop_ninja.cli import main
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "amelia", "harper", "evelyn",

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from backprop_ninja import data
+from backprop_ninja.data import names as data
 from backprop_ninja.cli import main
 from backprop_ninja.data import (
     END_TOKEN, Vocabulary, build_dataset, distinct_contexts, load_dataset, read_words, split_words,

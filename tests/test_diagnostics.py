@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from backprop_ninja import diagnostics
-from backprop_ninja.diagnostics import TrainingMonitor
-from backprop_ninja.models import MODELS, ModelConfig, build_model
+from backprop_ninja.training import diagnostics
+from backprop_ninja.training.diagnostics import TrainingMonitor
+from backprop_ninja.models import MODELS, MLPConfig, build_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("activations.png", "gradients.png", "update-ratio.png")
@@ -19,7 +19,7 @@ STAT_TOL = 1e-6  # float32 means and stds of a handful of exact values
 
 def deep_mlp(n_hidden: int = 32, seed: int = 0):
     spec = MODELS["deep-mlp"]
-    config = ModelConfig("deep-mlp", 27, spec.block_size, spec.n_embd, n_hidden)
+    config = MLPConfig("deep-mlp", 27, spec.block_size, spec.n_embd, n_hidden)
     return build_model(config, torch.Generator().manual_seed(seed))
 
 
@@ -65,7 +65,7 @@ def test_weight_stats_and_update_ratio_on_a_hand_made_case():
 
 def test_weights_are_the_2d_parameters_not_the_lectures_1_by_h_batchnorm_gains():
     spec = MODELS["mlp"]
-    config = ModelConfig("mlp", 27, spec.block_size, spec.n_embd, 16)
+    config = MLPConfig("mlp", 27, spec.block_size, spec.n_embd, 16)
     model = build_model(config, torch.Generator().manual_seed(0))
     assert list(diagnostics.weights(model)) == ["C", "W1", "W2"]  # bngain is (1, H)
 

@@ -11,8 +11,8 @@ from backprop_ninja import bench, checkpoint
 from backprop_ninja.cli import main
 from backprop_ninja.data import load_dataset
 from backprop_ninja.fast import FastMLPStepper, make_fast_stepper, make_stepper
-from backprop_ninja.kernel import KernelMLPStepper, kernel_available, kernel_is_fast, make_kernel_stepper
-from backprop_ninja.models import ModelConfig, build_model
+from backprop_ninja.training.kernel import KernelMLPStepper, kernel_available, kernel_is_fast, make_kernel_stepper
+from backprop_ninja.models import MLPConfig, build_model
 from backprop_ninja.train import EagerStepper
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia", "harper", "evelyn",
@@ -55,7 +55,7 @@ def dataset(write_words):
 
 
 def mlp(vocab_size: int, hidden: int = HIDDEN):
-    config = ModelConfig("mlp", vocab_size, block_size=3, n_embd=5, n_hidden=hidden)
+    config = MLPConfig("mlp", vocab_size, block_size=3, n_embd=5, n_hidden=hidden)
     return build_model(config, torch.Generator().manual_seed(SEED))
 
 
@@ -117,7 +117,7 @@ def test_fast_step_leaves_the_thread_setting_as_it_found_it(dataset):
 
 def test_only_the_lecture_mlp_gets_a_fast_stepper():
     g = torch.Generator().manual_seed(0)
-    deep = build_model(ModelConfig("deep-mlp", 27, block_size=3, n_embd=4, n_hidden=9), g)
+    deep = build_model(MLPConfig("deep-mlp", 27, block_size=3, n_embd=4, n_hidden=9), g)
     assert make_fast_stepper(deep, BATCH) is None
     assert isinstance(make_stepper(deep, BATCH), EagerStepper)
     assert make_kernel_stepper(deep, BATCH) is None

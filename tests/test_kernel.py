@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from backprop_ninja import kernel
+from backprop_ninja.training import kernel
 from backprop_ninja.fast import FastMLPStepper, make_stepper
-from backprop_ninja.models import ModelConfig, build_model
+from backprop_ninja.models import MLPConfig, build_model
 
 # tanh and exp are computed in float64 and rounded once: correctly rounded floats, but for a
 # double rounding when the float64 value lies within ~1e-16 of a tie (measured max: 0.49999997 ulp).
@@ -56,7 +56,7 @@ def test_kernel_tanh_special_values():
 
 
 def lecture_mlp(hidden: int = 11):
-    config = ModelConfig("mlp", vocab_size=7, block_size=3, n_embd=4, n_hidden=hidden)
+    config = MLPConfig("mlp", vocab_size=7, block_size=3, n_embd=4, n_hidden=hidden)
     return build_model(config, torch.Generator().manual_seed(0))
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backprop_ninja import ops
-from backprop_ninja.layers import BatchNorm1d, Embedding, FlattenConsecutive, Layer, Linear, Sequential, Tanh
+from backprop_ninja.nn import BatchNorm1d, Embedding, FlattenConsecutive, Layer, Linear, Sequential, Tanh
 
 B, T, E, H, V = 5, 4, 7, 9, 11
 DOUBLE = torch.float64

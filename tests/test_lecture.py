@@ -8,11 +8,14 @@ import re
 import pytest
 import torch
 
-from backprop_ninja import lecture, numerical
-from backprop_ninja.check import lecture_rows, lecture_setup
+from backprop_ninja.checking import lecture_check
+from backprop_ninja.checking.finite_differences import central_differences
+from backprop_ninja.checking.verdict import APPROX_ATOL, APPROX_RTOL
 from backprop_ninja.cli import main
-from backprop_ninja.compare import APPROX_ATOL, APPROX_RTOL
-from backprop_ninja.models import LECTURE_SEED, ModelConfig, build_model
+from backprop_ninja.conventions import LECTURE_SEED
+from backprop_ninja.lecture import network as lecture
+from backprop_ninja.lecture.fixture import lecture_setup
+from backprop_ninja.models import MLPConfig, build_model
 
 # Exercise 1 in float32 reproduces autograd to the last bit on x86 CPUs with FMA (the table says
 # `exact: True`); elsewhere the tanh backward may round differently, so tests hold it to
@@ -27,7 +30,7 @@ ZERO_GRADIENT_NOISE_ATOL = 1e-7
 def random_setup(n: int, hidden: int, vocab: int = 11, block: int = 3, seed: int = 0, dtype=torch.float32):
     """A lecture network of odd shapes and a random batch, with autograd's reference gradients."""
     g = torch.Generator().manual_seed(seed)
-    config = ModelConfig("mlp", vocab_size=vocab, block_size=block, n_embd=5, n_hidden=hidden)
+    config = MLPConfig("mlp", vocab_size=vocab, block_size=block, n_embd=5, n_hidden=hidden)
     params = {k: v.to(dtype) for k, v in build_model(config, g).params.items()}
     Xb = torch.randint(0, vocab, (n, block), generator=g)  # (n, T)
     Yb = torch.randint(0, vocab, (n,), generator=g)  # (n,)
@@ -85,7 +88,7 @@ def test_fused_batchnorm_backward_needs_the_bessel_factor():
 def test_lecture_model_training_path_matches_autograd():
     """The mlp model trains with the fused ops; its parameter gradients match autograd's."""
     g = torch.Generator().manual_seed(LECTURE_SEED)
-    model = build_model(ModelConfig("mlp", vocab_size=27, n_hidden=64), g)
+    model = build_model(MLPConfig("mlp", vocab_size=27, n_hidden=64), g)
     X = torch.randint(0, 27, (32, 3), generator=g)
     Y = torch.randint(0, 27, (32,), generator=g)
     loss, grads = model.loss_and_grads(X, Y)
@@ -97,8 +100,8 @@ def test_lecture_model_training_path_matches_autograd():
 
 def test_lecture_model_parameter_counts():
     g = torch.Generator().manual_seed(LECTURE_SEED)
-    assert build_model(ModelConfig("mlp", n_hidden=64), g).num_params() == 4137
-    assert build_model(ModelConfig("mlp", n_hidden=200), g).num_params() == 12297
+    assert build_model(MLPConfig("mlp", n_hidden=64), g).num_params() == 4137
+    assert build_model(MLPConfig("mlp", n_hidden=200), g).num_params() == 12297
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ def test_lecture_model_parameter_counts():
 
 def test_every_gradient_matches_float64_finite_differences():
     params, Xb, Yb, _, _ = random_setup(6, 5, vocab=9, seed=4)
-    rows = numerical.numerical_rows(params, Xb, Yb)
+    rows = lecture_check.numerical_rows(params, Xb, Yb)
     assert [r.name for r in rows] == list(lecture.BACKWARD_ORDER)
     failing = [r for r in rows if not r.ok]
     assert not failing, failing
@@ -125,14 +128,14 @@ def test_finite_differences_catch_a_wrong_gradient(monkeypatch):
         return grads
 
     monkeypatch.setattr(lecture, "backward", off_by_a_factor)
-    rows = {r.name: r for r in numerical.numerical_rows(params, Xb, Yb)}
+    rows = {r.name: r for r in lecture_check.numerical_rows(params, Xb, Yb)}
     assert not rows["bndiff2"].ok
     assert rows["logprobs"].ok
 
 
 def test_central_differences_of_a_known_function():
     x = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
-    grad = numerical.central_differences(lambda v: (v**3).sum(), x)
+    grad = central_differences(lambda v: (v**3).sum(), x)
     torch.testing.assert_close(grad, 3 * x**2, rtol=1e-8, atol=1e-8)
 
 
@@ -154,9 +157,10 @@ def test_check_rows_on_names_match_the_setup_it_describes(names_path):
     setup = lecture_setup(input_path=str(names_path))
     assert setup.Xb.shape == (32, 3)
     assert sum(p.numel() for p in setup.params.values()) == 4137
-    tables = lecture_rows(setup)
-    exercise1 = next(iter(tables.values()))
+    tables = lecture_check.lecture_rows(setup, lecture_setup(input_path=str(names_path), dtype=torch.float64))
+    exercise1 = [checked.row for checked in next(iter(tables.values()))]
     assert all(row.approximate for row in exercise1)
+    assert all(checked.verdict.right for rows in tables.values() for checked in rows)
     # the lecture's claim, on the platform where autograd's tanh backward uses a fused multiply-add
     exact = sum(row.exact for row in exercise1)
     print(f"bit-exact rows on this platform: {exact}/26")

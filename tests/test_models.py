@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from backprop_ninja import model_check, ops
+from backprop_ninja import ops
+from backprop_ninja.checking import model_check
 from backprop_ninja.errors import UserError
-from backprop_ninja.models import MODELS, ModelConfig, build_model
+from backprop_ninja.models import MODELS, MLPConfig, build_model
 
 NEW_MODELS = ("deep-mlp", "wavenet")
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia", "harper", "evelyn",
@@ -20,7 +21,7 @@ WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "ame
 def config_of(name: str, vocab_size: int = 27, **changes) -> ModelConfig:
     spec = MODELS[name]
     shape = dict(block_size=spec.block_size, n_embd=spec.n_embd, n_hidden=spec.n_hidden) | changes
-    return ModelConfig(name, vocab_size, **shape)
+    return MLPConfig(name, vocab_size, **shape)
 
 
 def build(name: str, seed: int = 0, **changes):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from backprop_ninja.data import END_TOKEN, Vocabulary
-from backprop_ninja.models import ModelConfig, build_model
+from backprop_ninja.models import MLPConfig, build_model
 from backprop_ninja.sampling import mark, sample_tokens, sample_words
 
 VOCAB = Vocabulary(tuple("abcdé -'."))
 
 
 def small_model(seed=3, block_size=3):
-    config = ModelConfig("mlp", vocab_size=VOCAB.size, block_size=block_size, n_embd=4, n_hidden=9)
+    config = MLPConfig("mlp", vocab_size=VOCAB.size, block_size=block_size, n_embd=4, n_hidden=9)
     return build_model(config, torch.Generator().manual_seed(seed))
 
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from backprop_ninja import train
-from backprop_ninja.checkpoint import RunInfo
+from backprop_ninja.training.checkpoint import RunInfo
 from backprop_ninja.data import load_dataset
-from backprop_ninja.models import MODELS, ModelConfig, build_model, get_spec
+from backprop_ninja.models import MODELS, MLPConfig, build_model, get_spec
 from backprop_ninja.train import EagerStepper, TrainingStopped, evaluate, lr_at, train_steps
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "amelia", "harper", "evelyn",
@@ -45,7 +45,7 @@ def setup(write_words, model_name="mlp", steps=240, words=WORDS, seed=7, **shape
     spec = get_spec(model_name)
     shape = {"block_size": spec.block_size, "n_embd": 5, "n_hidden": 11} | shape
     ds = load_dataset(write_words(words), shape["block_size"])
-    config = ModelConfig(model_name, ds.vocab.size, **shape)
+    config = MLPConfig(model_name, ds.vocab.size, **shape)
     g = torch.Generator().manual_seed(seed)
     model = build_model(config, g)
     info = RunInfo(config=config, chars=ds.vocab.chars, input=None, input_sha256="", max_word_len=9, seed=seed,
@@ -146,7 +146,7 @@ def test_weight_average_is_the_mean_of_the_snapshots_from_its_first_step():
 
 
 def test_learning_rate_drops_tenfold_at_the_recipe_point():
-    info = RunInfo(config=ModelConfig(), chars=("a",), input=None, input_sha256="", max_word_len=1, seed=0,
+    info = RunInfo(config=MLPConfig(), chars=("a",), input=None, input_sha256="", max_word_len=1, seed=0,
                    batch_size=32, lr=0.1, decay_at=0.5, steps=200_000, step=0, calibrated=False)
     assert lr_at(0, info) == lr_at(99_999, info) == 0.1  # `lr = 0.1 if i < 100000 else 0.01`
     assert lr_at(100_000, info) == lr_at(199_999, info) == 0.1 / 10
@@ -235,7 +235,7 @@ def test_evaluate_once_per_distinct_context_equals_every_example(write_words, mo
 
 
 def test_loss_curve_is_the_lecture_mean_log10_loss_per_1000_steps():
-    from backprop_ninja.plots import loss_curve
+    from backprop_ninja.training.plots import loss_curve
 
     losses = torch.rand(2500, generator=torch.Generator().manual_seed(0)) + 1.5  # (2500,)
     x, y = loss_curve(losses)

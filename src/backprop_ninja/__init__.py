@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def grade(*args, **kwargs):
-    """Grade a learner's backward pass; see `backprop_ninja.grading.grade`."""
-    from backprop_ninja.grading import grade as _grade
+    """Grade a learner's backward pass; see `backprop_ninja.grading.grade.grade`."""
+    from backprop_ninja.grading.grade import grade as _grade
 
     return _grade(*args, **kwargs)

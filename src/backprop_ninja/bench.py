@@ -4,9 +4,9 @@ Four loops train the lecture MLP (vocabulary 27, block 3, embedding 10, hidden 2
 synthetic training split of the names set's size, each step = draw a batch + one SGD step:
 
     (a) autograd   the lecture's step: F.cross_entropy, loss.backward(), p.data += -lr * p.grad
-    (b) eager      Model.loss_and_grads, the readable hand-written layers (train --eager)
-    (c) torch      fast.FastMLPStepper, the step fused into ~40 torch calls
-    (c) C          kernel.KernelMLPStepper, the step in C (mlp_step.c): train's default where built
+    (b) eager      Model.loss_and_grads and SGD, the readable three stages (train --eager)
+    (c) torch      training.fused.FastMLPStepper, the step fused into ~40 torch calls
+    (c) C          training.kernel.KernelMLPStepper, the step in C (mlp_step.c): train's default where built
 
 The C row is shown where `train` uses the C step: built, on a CPU with AVX2 and FMA.
 
@@ -22,7 +22,6 @@ steps (see threads.threads_for).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -70,16 +69,16 @@ def measure(loop: str, batch_size: int, steps: int, threads: int | None = None) 
     import torch
     import torch.nn.functional as F
 
-    from backprop_ninja.fast import make_fast_stepper
-    from backprop_ninja.kernel import make_kernel_stepper
-    from backprop_ninja.models import ModelConfig, build_model
-    from backprop_ninja.train import EagerStepper
+    from backprop_ninja.models import MLPConfig, build_model
+    from backprop_ninja.optim import SGD
+    from backprop_ninja.training.fused import FastMLPStepper
+    from backprop_ninja.training.kernel import make_kernel_stepper
 
     if threads is not None:
         torch.set_num_threads(threads)
 
     g = torch.Generator().manual_seed(SEED)
-    config = ModelConfig("mlp", vocab_size=27, block_size=3, n_embd=10, n_hidden=200)
+    config = MLPConfig("mlp", vocab_size=27, block_size=3, n_embd=10, n_hidden=200)
     model = build_model(config, g)
     X = torch.randint(0, config.vocab_size, (N_TRAIN, config.block_size), generator=g)  # (N, T)
     Y = torch.randint(0, config.vocab_size, (N_TRAIN,), generator=g)  # (N,)
@@ -112,17 +111,23 @@ def measure(loop: str, batch_size: int, steps: int, threads: int | None = None) 
 
         grad_mode = torch.enable_grad()
     else:
-        if loop == "eager":
-            stepper = EagerStepper(model)
-        elif loop == "torch":
-            stepper = make_fast_stepper(model, batch_size)
-            threads = stepper.threads
-        else:
-            stepper = make_kernel_stepper(model, batch_size)
-            threads = 1  # plain C, one thread
+        if loop == "eager":  # the readable three stages: loss_and_grads, then the optimizer
+            optimizer = SGD(model.params)
 
-        def step(Xb, Yb):
-            return stepper.step(Xb, Yb, lr)
+            def step(Xb, Yb):
+                loss, grads = model.loss_and_grads(Xb, Yb)
+                optimizer.step(model.params, grads, lr)
+                return loss
+        else:
+            if loop == "torch":
+                stepper = FastMLPStepper(model, batch_size)
+                threads = stepper.threads
+            else:
+                stepper = make_kernel_stepper(model, batch_size)
+                threads = 1  # plain C, one thread
+
+            def step(Xb, Yb):
+                return stepper.step(Xb, Yb, lr)
 
         grad_mode = torch.no_grad()
 
@@ -211,19 +216,21 @@ def format_table(results: list[Result], info: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    large_steps = max(MIN_LARGE_STEPS, args.steps // LARGE_BATCH_STEP_DIVISOR)
-    from backprop_ninja.kernel import kernel_is_fast
+def main(steps: int, large_batch: int, as_json: bool, threads: int | None) -> int:
+    """Time every loop at the two batch sizes, each in a fresh process; print the table (or JSON)."""
+    from backprop_ninja.training.kernel import kernel_is_fast
+
+    large_steps = max(MIN_LARGE_STEPS, steps // LARGE_BATCH_STEP_DIVISOR)
 
     loops = [loop for loop in LOOPS if loop != "c" or kernel_is_fast()]
     results = []
-    for batch_size, steps in ((SMALL_BATCH, args.steps), (args.large_batch, large_steps)):
+    for batch_size, n in ((SMALL_BATCH, steps), (large_batch, large_steps)):
         for loop in loops:
-            if not args.json:
-                print(f"timing {LABELS[loop]} at batch {batch_size} ({steps} steps)...", file=sys.stderr)
-            results.append(measure_in_subprocess(loop, batch_size, steps, args.threads))
+            if not as_json:
+                print(f"timing {LABELS[loop]} at batch {batch_size} ({n} steps)...", file=sys.stderr)
+            results.append(measure_in_subprocess(loop, batch_size, n, threads))
     info = machine()
-    if args.json:
+    if as_json:
         print(json.dumps({"machine": info, "results": [r._asdict() for r in results]}, indent=2))
     else:
         print(format_table(results, info))

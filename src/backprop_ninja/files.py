@@ -10,7 +10,8 @@ from pathlib import Path
 def atomic_write(dest: str | os.PathLike, payload: bytes) -> None:
     """Write dest whole or not at all: a temp file in the same directory, fsync, then os.replace.
 
-    A crash at any point leaves either the old file or the new one, never a half-written one.
+    A crash at any point leaves either the old file or the new one, never a half-written one; the
+    directory is fsynced after the rename, so the new one survives a power cut once this returns.
     """
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
@@ -24,6 +25,21 @@ def atomic_write(dest: str | os.PathLike, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(dest.parent)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename in `path` durable: the directory entry itself is on disk (POSIX; a no-op elsewhere)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

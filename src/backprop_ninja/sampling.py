@@ -1,4 +1,4 @@
-"""`backprop-ninja sample`: words from a trained run, all N advanced together.
+"""Sampling words from a model, all N advanced together (`backprop-ninja sample`, the end of `train`).
 
 The lecture samples one word at a time, one character per forward pass. Here the N words move
 together: one forward pass of N contexts per character position, until every word has drawn the
@@ -8,14 +8,11 @@ the others, and a seed fixes every word.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backprop_ninja import checkpoint
-from backprop_ninja.data import END_TOKEN, Vocabulary, read_words, resolve_names, split_words
+from backprop_ninja.data import END_TOKEN, Vocabulary
 from backprop_ninja.models import Model
 from backprop_ninja.threads import torch_threads
 
@@ -78,18 +75,3 @@ def mark(words: list[str], splits: dict[str, list[str]]) -> list[str]:
         return "new"
 
     return [tag(w) for w in words]
-
-
-def run(args: argparse.Namespace) -> int:
-    ckpt = checkpoint.load(args.out)
-    info = ckpt.info
-    g = torch.Generator().manual_seed(args.seed)
-    words = sample_words(ckpt.model, info.vocab, args.num, g, max_len=MAX_LEN_FACTOR * info.max_word_len,
-                         temperature=args.temperature, top_k=args.top_k)
-    if not args.mark:
-        print("\n".join(words))
-        return 0
-    source = args.input or info.input
-    tags = mark(words, split_words(read_words(source if source else resolve_names())))
-    print("\n".join(f"{word}\t{tag}" for word, tag in zip(words, tags)))
-    return 0

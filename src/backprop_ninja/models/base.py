@@ -1,0 +1,119 @@
+"""What every model is: a config, a stack of hand-differentiated layers, and a cross-entropy loss.
+
+Every model is a `Model`: a container of layers from `nn`, its config, and the entry points that
+the train/eval/sample/checkpoint machinery uses without knowing which model it has:
+
+    loss, grads = model.loss_and_grads(Xb, Yb)   # training-mode forward + hand-written backward
+    logits = model.logits(X)                    # eval mode (BatchNorm uses its buffers)
+    model.calibrate(Xtr)                        # BatchNorm buffers := statistics of the training set
+
+Each model family has its own config dataclass, a subclass of ModelConfig; run.json stores it and
+checkpoint loading checks every field against its declared type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from backprop_ninja import ops
+from backprop_ninja.data import distinct_contexts
+from backprop_ninja.nn import Sequential
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields every model has; a family's config adds its own (MLPConfig: n_embd, n_hidden)."""
+
+    model: str
+    vocab_size: int
+    block_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_types(cls) -> dict[str, type]:
+        """Each field's declared type (int, float, str, bool), for checking a stored record."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+    @property
+    def hidden_width(self) -> int:
+        """The width of the widest activations per example and position: it sets a step's threads."""
+        raise NotImplementedError
+
+
+class Model:
+    def __init__(self, config: ModelConfig, net: Sequential) -> None:
+        self.config = config
+        self.net = net
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """Name -> parameter tensor, in the model's fixed order."""
+        return self.net.params
+
+    @property
+    def buffers(self) -> dict[str, Tensor]:
+        """Name -> BatchNorm statistic (running or calibrated)."""
+        return self.net.buffers
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live (all of them: Model.to moves them together)."""
+        return next(iter(self.params.values())).device
+
+    def to(self, device: torch.device | str) -> "Model":
+        """Move parameters and buffers in place, so every layer that holds them sees the move."""
+        for tensor in [*self.params.values(), *self.buffers.values()]:
+            if tensor.device != torch.device(device):
+                tensor.data = tensor.data.to(device)
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def loss_and_grads(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One training-mode forward pass and the hand-written backward pass: (loss, {name: grad})."""
+        self.net.train(True)
+        logits = self.net.forward(X)  # (B, V)
+        loss, ce_cache = ops.cross_entropy_forward(logits, Y)  # ()
+        self.net.backward(ops.cross_entropy_backward(ce_cache))
+        return loss, self.net.grads
+
+    def autograd_loss_and_grads(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The reference: the same forward pass, differentiated by torch autograd.
+
+        Runs on detached copies of the parameters, so the model (parameters and BatchNorm
+        buffers) is left exactly as it was.
+        """
+        leaves = {k: p.detach().clone().requires_grad_(True) for k, p in self.params.items()}
+        with torch.enable_grad(), self.net.substituted(leaves):
+            self.net.train(True)
+            loss = F.cross_entropy(self.net.forward(X), Y)  # ()
+            loss.backward()
+        return loss.detach(), {k: leaf.grad for k, leaf in leaves.items()}
+
+    @torch.no_grad()
+    def logits(self, X: Tensor) -> Tensor:
+        """Eval-mode forward pass: (N, block_size) contexts -> (N, V) logits."""
+        self.net.train(False)
+        return self.net.forward(X)
+
+    @torch.no_grad()
+    def calibrate(self, X: Tensor) -> None:
+        """Set every BatchNorm's statistics to those of X, as the lecture does after training.
+
+        The network runs once per distinct context of X, each weighed by how often it occurs.
+        """
+        contexts = distinct_contexts(X)
+        self.net.calibrate(contexts.rows, contexts.counts)
+
+    def __repr__(self) -> str:
+        return f"Model({self.config.model}, {self.num_params()} parameters)\n{self.net!r}"

@@ -1,0 +1,31 @@
+"""Forward/backward pairs of every op the models use, written by hand at tensor level.
+
+Each op is two free functions side by side, as in cs231n's layers.py:
+
+    out, cache = op_forward(inputs...)
+    dinputs... = op_backward(dout, cache)
+
+Gradients come back in the order of the forward's inputs; caches are small named tuples. The
+conventions (dimension letters, the gradient policy, the weight layout, BatchNorm's eps and
+Bessel's correction) are stated once, in backprop_ninja.conventions.
+
+One module per family: embedding, shape (flatten), linear, activations, batchnorm, loss.
+"""
+
+from backprop_ninja.conventions import BATCHNORM_EPS
+from backprop_ninja.ops.activations import TanhCache, one_minus_square, tanh_backward, tanh_forward
+from backprop_ninja.ops.batchnorm import (
+    BatchNormCache, BatchStats, batchnorm_backward, batchnorm_dims, batchnorm_forward, batchnorm_inference,
+)
+from backprop_ninja.ops.embedding import EmbeddingCache, embedding_backward, embedding_forward
+from backprop_ninja.ops.linear import LinearCache, linear_backward, linear_forward
+from backprop_ninja.ops.loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from backprop_ninja.ops.shape import FlattenCache, flatten_consecutive_backward, flatten_consecutive_forward
+
+__all__ = [
+    "BATCHNORM_EPS", "BatchNormCache", "BatchStats", "CrossEntropyCache", "EmbeddingCache", "FlattenCache",
+    "LinearCache", "TanhCache", "batchnorm_backward", "batchnorm_dims", "batchnorm_forward", "batchnorm_inference",
+    "cross_entropy_backward", "cross_entropy_forward", "embedding_backward", "embedding_forward",
+    "flatten_consecutive_backward", "flatten_consecutive_forward", "linear_backward", "linear_forward",
+    "one_minus_square", "tanh_backward", "tanh_forward",
+]

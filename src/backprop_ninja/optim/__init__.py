@@ -1,0 +1,26 @@
+"""Hand-written optimizers: the third stage of a training step, with a state a checkpoint can hold.
+
+    optimizer.step(params, grads, lr)   # in place on the parameters; the model's gradients are not kept
+    optimizer.state_dict()              # name -> tensor, saved beside the model (may be empty)
+    optimizer.load_state_dict(state)
+
+A new optimizer: a module here and one entry in OPTIMIZERS (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from backprop_ninja.errors import UserError
+from backprop_ninja.optim.sgd import SGD, Optimizer
+
+OPTIMIZERS: dict[str, type] = {"sgd": SGD}
+
+
+def make_optimizer(name: str, params, **settings) -> Optimizer:
+    try:
+        kind = OPTIMIZERS[name]
+    except KeyError:
+        raise UserError(f"unknown optimizer {name!r}; known optimizers: {', '.join(sorted(OPTIMIZERS))}") from None
+    return kind(params, **settings)
+
+
+__all__ = ["OPTIMIZERS", "SGD", "Optimizer", "make_optimizer"]

@@ -1,0 +1,261 @@
+"""Training diagnostics: the leaky-abstraction failure modes of makemore part 3, measured and plotted.
+
+Three views, as the lecture shows them:
+
+- activations: for each tanh layer the mean, the std and the share of saturated units (|t| > 0.97),
+  where tanh is flat and passes almost no gradient back: `layer 4 (Tanh): mean -0.02, std 0.75,
+  saturated: 20.25%`;
+- gradients: for each weight (the 2-D parameters) the gradient's mean and std and the
+  grad:data ratio grad.std() / data.std();
+- updates: the update:data ratio log10((lr * grad).std() / data.std()) over training. About -3
+  (each step changes a weight by a thousandth of its spread) is the lecture's guide line; far
+  above, the step is too large for that weight; far below, it learns too slowly.
+
+The training loop runs a TrainingMonitor as one of its hooks (training.loop.Hook), on the steps it
+is due, with the step's gradients before the update:
+
+    monitor = TrainingMonitor(model, every=1000)
+    loss, grads = model.loss_and_grads(Xb, Yb)
+    for warning in monitor(step, Xb, Yb, grads, lr):   # on steps with step % every == 0
+        print(warning)
+    optimizer.step(model.params, grads, lr)
+    monitor.write_plots(run_dir)   # activations.png, gradients.png, update-ratio.png
+
+The tanh outputs are read from the Tanh layers' caches of the step's own forward pass, so nothing
+is recomputed. Plots are drawn by plots.save_figure (an Agg canvas: no pyplot, no global backend
+state) and written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from backprop_ninja.models import Model
+from backprop_ninja.nn import Tanh
+from backprop_ninja.training.plots import save_figure
+
+SATURATION_THRESHOLD = 0.97  # |tanh| above this is on the flat tail: 1 - t**2 < 0.06
+# Share of saturated units that is too many. The lecture aims for ~5% at initialisation; late in
+# their default 200k-step runs, healthy deep-mlp and wavenet layers sit at 10-22%, which must not
+# warn. A badly scaled initialisation (gains 5x) saturates 60% and more from the first steps.
+SATURATION_WARN = 0.25
+UPDATE_RATIO_GUIDE = -3.0  # log10 of the update:data ratio the lecture aims for
+# Outside this band of log10 update:data, warn. Wider than the lecture's eyeballed [-4, -2]: healthy
+# runs of the registry models leave that (wavenet's output layer starts near -1.4, its weights being
+# scaled down 10x; the embedding drops to -4.2 when lr decays 10x), while an lr 10x off leaves this.
+UPDATE_RATIO_BAND = (-4.5, -1.0)
+WARN_AFTER = 5  # a condition must hold at this many consecutive records before it warns
+HISTOGRAM_BINS = 100
+
+
+class TanhStats(NamedTuple):
+    mean: float
+    std: float
+    saturated: float  # share of |t| > SATURATION_THRESHOLD, 0..1
+
+
+class WeightStats(NamedTuple):
+    grad_mean: float
+    grad_std: float
+    grad_to_data: float  # grad.std() / data.std()
+
+
+def tanh_stats(t: Tensor) -> TanhStats:
+    return TanhStats(t.mean().item(), t.std().item(), (t.abs() > SATURATION_THRESHOLD).float().mean().item())
+
+
+def weight_stats(data: Tensor, grad: Tensor) -> WeightStats:
+    return WeightStats(grad.mean().item(), grad.std().item(), (grad.std() / data.std()).item())
+
+
+def update_ratio_log10(data: Tensor, grad: Tensor, lr: float) -> float:
+    """log10 of the update:data ratio, (lr * grad).std() / data.std(); -inf for a zero update.
+
+    NaN stays NaN (no warning compares true on it): a diverged loss is the training loop's error."""
+    ratio = ((lr * grad).std() / data.std()).item()
+    return math.log10(ratio) if ratio > 0 else (-math.inf if ratio == 0 else math.nan)
+
+
+def tanh_outputs(model: Model) -> dict[str, Tensor]:
+    """Each tanh layer's output in the last forward pass, named as the lecture: 'layer 4 (Tanh)'."""
+    return {
+        f"layer {i} (Tanh)": layer.cache.out
+        for i, layer in enumerate(model.net.layers)
+        if isinstance(layer, Tanh) and hasattr(layer, "cache")
+    }
+
+
+def weights(model: Model) -> dict[str, Tensor]:
+    """The parameters the lecture calls weights: the 2-D ones (the embedding table included)."""
+    return {name: p for name, p in model.params.items() if p.ndim == 2 and min(p.shape) > 1}
+
+
+class Record(NamedTuple):
+    step: int
+    tanh: dict[str, TanhStats]  # 'layer 4 (Tanh)' -> stats
+    weights: dict[str, WeightStats]  # weight name -> stats of its gradient
+    update_log10: dict[str, float]  # weight name -> log10 update:data ratio
+
+
+def record(model: Model, step: int, grads: dict[str, Tensor], lr: float) -> Record:
+    """The three views at this step, from the last forward pass and the given gradients."""
+    ws = weights(model)
+    return Record(
+        step,
+        {name: tanh_stats(t) for name, t in tanh_outputs(model).items()},
+        {name: weight_stats(p, grads[name]) for name, p in ws.items()},
+        {name: update_ratio_log10(p, grads[name], lr) for name, p in ws.items()},
+    )
+
+
+def format_record(rec: Record, model: Model | None = None) -> str:
+    """The lecture's printout: one line per tanh layer, then one per weight."""
+    lines = [f"step {rec.step}"]
+    for name, s in rec.tanh.items():
+        lines.append(f"{name}: mean {s.mean:+.2f}, std {s.std:.2f}, saturated: {100 * s.saturated:.2f}%")
+    for name, s in rec.weights.items():
+        shape = f"{tuple(model.params[name].shape)!s:11s} " if model is not None else ""
+        lines.append(
+            f"weight {shape}{name:8s} | mean {s.grad_mean:+e} | std {s.grad_std:e} "
+            f"| grad:data ratio {s.grad_to_data:e} | update:data log10 {rec.update_log10[name]:+.2f}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the monitor the training loop drives
+
+
+class TrainingMonitor:
+    """Records the diagnostics every `every` steps; warns once per condition that persists."""
+
+    def __init__(self, model: Model, every: int = 1000) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.model = model
+        self.every = every
+        self.records: list[Record] = []
+        self.last_tanh: dict[str, Tensor] = {}  # copies of the last recorded tanh outputs
+        self.last_grads: dict[str, Tensor] = {}  # and weight gradients, for the histograms
+        self._warned: set[str] = set()
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def after_step(self, step: int, grads: dict[str, Tensor], lr: float) -> list[str]:
+        """Call after each step's update; returns the warnings raised at this step (usually none)."""
+        if not self.due(step):
+            return []
+        self.records.append(record(self.model, step, grads, lr))
+        self.last_tanh = {k: t.detach().clone() for k, t in tanh_outputs(self.model).items()}
+        self.last_grads = {k: grads[k].detach().clone() for k in weights(self.model)}
+        new = {key: text for key, text in self._conditions().items() if key not in self._warned}
+        self._warned.update(new)
+        return list(new.values())
+
+    def __call__(self, step: int, Xb: Tensor, Yb: Tensor, grads: dict[str, Tensor], lr: float) -> list[str]:
+        """The training loop's hook (training.loop.Hook): stage 2 of a step, before the update."""
+        return self.after_step(step, grads, lr)
+
+    def warnings(self) -> list[str]:
+        """Every condition that holds at the latest records, one line each."""
+        return list(self._conditions().values())
+
+    def _conditions(self) -> dict[str, str]:
+        recent = self.records[-WARN_AFTER:]
+        if len(recent) < WARN_AFTER:
+            return {}
+        steps = f"steps {recent[0].step}..{recent[-1].step}"
+        found = {}
+        for name in recent[-1].tanh:
+            shares = [r.tanh[name].saturated for r in recent if name in r.tanh]
+            if len(shares) == WARN_AFTER and min(shares) > SATURATION_WARN:
+                found[f"saturated:{name}"] = (
+                    f"warning: {name} is {100 * min(shares):.0f}-{100 * max(shares):.0f}% saturated "
+                    f"(|t| > {SATURATION_THRESHOLD}) over {steps}; saturated units pass almost no "
+                    f"gradient: check the initialisation scale"
+                )
+        low, high = UPDATE_RATIO_BAND
+        for name in recent[-1].update_log10:
+            logs = [r.update_log10[name] for r in recent if name in r.update_log10]
+            if len(logs) < WARN_AFTER:
+                continue
+            if min(logs) > high or max(logs) < low:
+                too_large = min(logs) > high
+                side = "too large: lower the learning rate" if too_large else "too small: it barely learns"
+                found[f"update:{name}"] = (
+                    f"warning: {name} update:data ratio 10^{logs[-1]:.1f} over {steps}, "
+                    f"far from the guide 10^{UPDATE_RATIO_GUIDE:.0f}; the steps are {side}"
+                )
+        return found
+
+    def summary(self) -> str:
+        """The latest record in the lecture's format ('' before the first record)."""
+        return format_record(self.records[-1], self.model) if self.records else ""
+
+    def write_plots(self, run_dir: str | os.PathLike) -> list[Path]:
+        """Write activations.png, gradients.png and update-ratio.png into run_dir; their paths."""
+        if not self.records:
+            return []
+        run_dir = Path(run_dir)
+        last = self.records[-1]
+
+        def activations(fig) -> None:
+            title = f"tanh output distribution at step {last.step}"
+            _histograms(fig, self.last_tanh, title, lambda k: _tanh_legend(k, last))
+
+        def gradients(fig) -> None:
+            title = f"weight gradient distribution at step {last.step}"
+            _histograms(fig, self.last_grads, title, lambda k: _weight_legend(k, self.model, last))
+
+        written = [
+            save_figure(run_dir / "activations.png", activations),
+            save_figure(run_dir / "gradients.png", gradients),
+            save_figure(run_dir / "update-ratio.png", lambda fig: _update_lines(fig, self.records)),
+        ]
+        return written
+
+
+# ---------------------------------------------------------------------------------------------
+# the plots
+
+
+def _tanh_legend(name: str, rec: Record) -> str:
+    s = rec.tanh[name]
+    return f"{name}: std {s.std:.2f}, saturated {100 * s.saturated:.1f}%"
+
+
+def _weight_legend(name: str, model: Model, rec: Record) -> str:
+    return f"{tuple(model.params[name].shape)} {name}: grad:data {rec.weights[name].grad_to_data:.1e}"
+
+
+def _histograms(fig, tensors: dict[str, Tensor], title: str, legend: Callable[[str], str]) -> None:
+    """One density curve per tensor on shared axes, as the lecture's torch.histogram plots."""
+    ax = fig.add_subplot()
+    for name, t in tensors.items():
+        values = t.detach().double().reshape(-1)  # torch.histogram wants float
+        density, edges = torch.histogram(values, bins=HISTOGRAM_BINS, density=True)
+        centers = (edges[:-1] + edges[1:]) / 2  # (bins,)
+        ax.plot(centers.numpy(), density.numpy(), label=legend(name))
+    ax.set_title(title)
+    ax.set_ylabel("density")
+    ax.legend(fontsize="small")
+
+
+def _update_lines(fig, records: list[Record]) -> None:
+    ax = fig.add_subplot()
+    steps = [r.step for r in records]
+    for name in records[-1].update_log10:
+        ax.plot(steps, [r.update_log10.get(name, math.nan) for r in records], label=name)
+    ax.axhline(UPDATE_RATIO_GUIDE, color="k", linestyle="--", linewidth=1, label="guide 1e-3")
+    ax.set_title("update:data ratio")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10((lr * grad).std() / data.std())")
+    ax.legend(fontsize="small")

@@ -1,0 +1,55 @@
+"""A run's data, and the mean loss of each split in eval mode."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from backprop_ninja.data import Dataset, distinct_contexts, load_dataset, resolve_names
+from backprop_ninja.models import Model
+
+# Rows per forward pass when evaluating a whole split. Small enough that the (rows, H) temporaries
+# are reused from the allocator's heap instead of mapped afresh for every chunk (docs/speed.md).
+EVAL_CHUNK = 4096
+
+
+class RunData(NamedTuple):
+    dataset: Dataset
+    input: str | None  # absolute path of the word list, None for the default names data set
+    sha256: str
+
+
+def load_run_data(input_path: str | None, block_size: int, vocab=None) -> RunData:
+    path = Path(input_path).resolve() if input_path else resolve_names()
+    dataset = load_dataset(path, block_size, vocab=vocab)
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    return RunData(dataset, str(path) if input_path else None, sha256)
+
+
+def evaluate(model: Model, dataset: Dataset) -> dict[str, float | None]:
+    """Mean cross-entropy of each split in eval mode (BatchNorm buffers); None for an empty split.
+
+    The network runs once per distinct context of the split (data.distinct_contexts), EVAL_CHUNK
+    contexts at a time; every example then reads its target's log-probability from its context's row.
+    """
+    device = model.device
+    result: dict[str, float | None] = {}
+    for name in ("train", "val", "test"):
+        X, Y = dataset.split(name)
+        if X.shape[0] == 0:
+            result[name] = None
+            continue
+        contexts = distinct_contexts(X)
+        logprobs = torch.cat([F.log_softmax(model.logits(rows.to(device)), dim=1)  # (chunk, V)
+                              for rows in contexts.rows.split(EVAL_CHUNK)])  # (U, V)
+        nll = -logprobs[contexts.index.to(device), Y.to(device)]  # (N,)
+        result[name] = nll.double().sum().item() / X.shape[0]
+    return result
+
+
+def format_losses(losses: dict[str, float | None]) -> str:
+    return "\n".join(f"{name} {'n/a' if v is None else f'{v:.4f}'}" for name, v in losses.items())
