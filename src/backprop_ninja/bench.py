@@ -31,6 +31,8 @@ import sys
 import time
 from typing import NamedTuple
 
+from backprop_ninja.conventions import LECTURE_SEED
+
 LOOPS = ("autograd", "eager", "torch", "c")
 LABELS = {
     "autograd": "(a) autograd loop",
@@ -44,7 +46,7 @@ WARMUP_STEPS = 3
 BLOCKS = 3  # the timed steps run in this many blocks; the fastest block is reported (as timeit)
 LARGE_BATCH_STEP_DIVISOR = 100  # the large batch runs --steps / 100 steps (at least MIN_LARGE_STEPS)
 MIN_LARGE_STEPS = 5
-SEED = 2147483647
+SEED = LECTURE_SEED
 
 
 class Result(NamedTuple):

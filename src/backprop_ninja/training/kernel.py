@@ -117,15 +117,17 @@ class KernelMLPStepper:
 
     def __init__(self, model: Model, batch_size: int) -> None:
         embedding, _, linear1, batchnorm, _, linear2 = model.net.layers
-        self.tensors = {  # kept here so that the addresses in the plan stay valid
-            "C": embedding.params[embedding.name],  # (V, E)
-            "W1": linear1.params[linear1.w_name], "b1": linear1.params[linear1.b_name],  # (T*E, H), (H,)
-            "gain": batchnorm.params[batchnorm.gain_name], "bias": batchnorm.params[batchnorm.bias_name],  # (1, H)
-            "running_mean": batchnorm.buffers[batchnorm.mean_name],  # (1, H)
-            "running_var": batchnorm.buffers[batchnorm.var_name],  # (1, H)
-            "W2": linear2.params[linear2.w_name], "b2": linear2.params[linear2.b_name],  # (H, V), (V,)
+        self.sources = {  # where each tensor of the plan lives in the model: (dict, key)
+            "C": (embedding.params, embedding.name),  # (V, E)
+            "W1": (linear1.params, linear1.w_name), "b1": (linear1.params, linear1.b_name),  # (T*E, H), (H,)
+            "gain": (batchnorm.params, batchnorm.gain_name), "bias": (batchnorm.params, batchnorm.bias_name),  # (1, H)
+            "running_mean": (batchnorm.buffers, batchnorm.mean_name),  # (1, H)
+            "running_var": (batchnorm.buffers, batchnorm.var_name),  # (1, H)
+            "W2": (linear2.params, linear2.w_name), "b2": (linear2.params, linear2.b_name),  # (H, V), (V,)
         }
-        addresses = {name: ctypes.cast(t.data_ptr(), _float_p) for name, t in self.tensors.items()}
+        self.tensors = {name: holder[key] for name, (holder, key) in self.sources.items()}  # keeps them alive
+        self.addresses = {name: t.data_ptr() for name, t in self.tensors.items()}
+        addresses = {name: ctypes.cast(ptr, _float_p) for name, ptr in self.addresses.items()}
         config = model.config
         self.plan = MLPPlan(T=config.block_size, E=config.n_embd, H=config.n_hidden, V=config.vocab_size,
                             momentum=batchnorm.momentum, eps=batchnorm.eps, **addresses)
@@ -136,6 +138,7 @@ class KernelMLPStepper:
 
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         """One SGD step on the batch (Xb (B, T) int64, Yb (B,) int64); returns the loss (0-d)."""
+        self._check_tensors()
         Xb, Yb = self._ids(Xb, Yb)
         loss = self.lib.mlp_step(self.plan_ref, Xb.data_ptr(), Yb.data_ptr(), Yb.shape[0], lr, self.work.data_ptr())
         return torch.scalar_tensor(loss)  # float32 0-d; 1 us where torch.tensor(loss) takes 2.5-6
@@ -146,13 +149,26 @@ class KernelMLPStepper:
         The same as calling `step` on each batch in turn, bit for bit; `train` uses it for the
         chunks of steps on which no per-step check (--verify-every, diagnostics) falls.
         """
+        self._check_tensors()
         Xs, Ys = self._ids(Xs, Ys)
+        if Ys.ndim != 2 or len(lrs) != Ys.shape[0]:
+            raise ValueError(f"{len(lrs)} learning rates for {Ys.shape[0] if Ys.ndim else 0} batches of steps")
         S, B = Ys.shape
         lr = torch.tensor(lrs, dtype=torch.float32)  # (S,)
         losses = torch.empty(S)  # (S,)
         self.lib.mlp_steps(self.plan_ref, Xs.data_ptr(), Ys.data_ptr(), S, B, lr.data_ptr(), losses.data_ptr(),
                            self.work.data_ptr())
         return losses
+
+    def _check_tensors(self) -> None:
+        """The C code writes through the plan's addresses: they must still be the model's own tensors,
+        float32, contiguous, on the CPU, where the plan was made (a replaced tensor would not be updated)."""
+        for name, (holder, key) in self.sources.items():
+            t = holder[key]
+            if t is not self.tensors[name] or t.data_ptr() != self.addresses[name]:
+                raise RuntimeError(f"the model's {key} was replaced after the C step was built; build a new stepper")
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise RuntimeError(f"the model's {key} is no longer contiguous float32 on the CPU")
 
     def _ids(self, X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
         """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size."""

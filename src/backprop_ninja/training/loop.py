@@ -23,6 +23,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from backprop_ninja.checking.verify import first_disagreement
 from backprop_ninja.errors import UserError
 from backprop_ninja.models import Model
 from backprop_ninja.optim import Optimizer
@@ -167,8 +168,6 @@ class VerifyHook:
         self.model, self.every = model, every
 
     def __call__(self, step: int, Xb: Tensor, Yb: Tensor, grads: dict[str, Tensor], lr: float) -> list[str]:
-        from backprop_ninja.checking.verify import first_disagreement
-
         problem = first_disagreement(self.model, Xb, Yb, grads)
         if problem is not None:
             raise TrainingStopped(f"gradient check failed at step {step}: {problem}")
