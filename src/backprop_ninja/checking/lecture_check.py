@@ -16,7 +16,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from backprop_ninja.checking.finite_differences import NumericalRow, central_differences, numerical_row
+from backprop_ninja.checking.finite_differences import (
+    NumericalRow, central_differences, chunk_for, directional_difference, numerical_row, sampled_entries,
+)
 from backprop_ninja.checking.verdict import Judgement, Row, compare, judge
 from backprop_ninja.lecture import network
 from backprop_ninja.lecture.exercises import EXERCISES, our_answers
@@ -62,11 +64,14 @@ def lecture_rows(s32: LectureSetup, s64: LectureSetup | None = None) -> dict[str
 
 
 @torch.no_grad()
-def numerical_rows(params: dict[str, Tensor], Xb: Tensor, Yb: Tensor) -> list[NumericalRow]:
-    """network.backward on a float64 copy of the network against central finite differences."""
+def numerical_rows(params: dict[str, Tensor], Xb: Tensor, Yb: Tensor, seed: int = 0) -> list[NumericalRow]:
+    """network.backward on a float64 copy of the network against central finite differences: every
+    entry of a small tensor; sampled entries and a random direction of a large one (seeded)."""
     p64 = {k: v.detach().double().clone() for k, v in params.items()}
     t64 = network.forward(p64, Xb, Yb)
     mine = network.backward(p64, Xb, Yb, t64)
+    g = torch.Generator().manual_seed(seed)
+    chunk = chunk_for(Xb.shape[0])
     rows = []
     for name in network.BACKWARD_ORDER:
         if name in p64:  # a parameter: nudge it where the forward pass reads it
@@ -74,12 +79,20 @@ def numerical_rows(params: dict[str, Tensor], Xb: Tensor, Yb: Tensor) -> list[Nu
             def loss_of(x: Tensor, name: str = name) -> Tensor:
                 return network.forward({**p64, name: x}, Xb, Yb).loss
 
-            numerical = central_differences(loss_of, p64[name])
+            x = p64[name]
         else:  # an intermediate: hold it at a nudged value and recompute what lies downstream
 
             def loss_of(x: Tensor, name: str = name) -> Tensor:
                 return network.forward(p64, Xb, Yb, given={name: x}).loss
 
-            numerical = central_differences(loss_of, getattr(t64, name))
-        rows.append(numerical_row(name, mine[name], numerical, numerical.numel()))
+            x = getattr(t64, name)
+        picks = sampled_entries(x.numel(), Xb.shape[0], g)
+        numerical = central_differences(loss_of, x, entries=picks, chunk=chunk)
+        if picks is None:
+            rows.append(numerical_row(name, mine[name], numerical, x.numel()))
+            continue
+        v = torch.randn(x.shape, generator=g, dtype=x.dtype)
+        v /= v.norm()  # a random unit direction
+        projection = (float((mine[name] * v).sum()), directional_difference(loss_of, x, v))
+        rows.append(numerical_row(name, mine[name].reshape(-1)[picks], numerical, x.numel(), projection))
     return rows

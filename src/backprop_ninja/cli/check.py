@@ -44,7 +44,7 @@ def run_lecture(args: argparse.Namespace) -> int:
         print()
     if args.numerical:
         print(f"Numerical check: float64 central differences (eps {FD_EPS:g}, atol {FD_ATOL:g}, rtol {FD_RTOL:g})")
-        ok &= print_numerical(lecture_check.numerical_rows(s32.params, s32.Xb, s32.Yb))
+        ok &= print_numerical(lecture_check.numerical_rows(s32.params, s32.Xb, s32.Yb, args.seed))
     return 0 if ok else 1
 
 
