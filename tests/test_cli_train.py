@@ -12,10 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from backprop_ninja.training.checkpoint import MODEL_FILE, RUN_FILE
 from backprop_ninja.cli import main
+from backprop_ninja.threads import threads_for
+from backprop_ninja.training import averaging, loop, steppers
+from backprop_ninja.training import run as training_run
+from backprop_ninja.training.checkpoint import MODEL_FILE, RUN_FILE
+from backprop_ninja.training.kernel import kernel_is_fast
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "amelia", "harper", "evelyn",
          "abigail", "emily", "elizabeth", "mila", "ella", "avery", "sofia", "camila", "aria", "scarlett"]
@@ -23,7 +28,6 @@ WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "ame
 ODD_WORDS = ["Zoë", "jean-luc", "o'brien", "st. john", "r2d2", "Ana María", "ÅSA", "x.y", "mary ann", "d'arcy",
              "Renée", "3po", "li-na", "a.b.c", "Éloïse"]
 TINY = ["--hidden", "8", "--embd", "4", "--batch-size", "8"]  # a small model: fast steps
-
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -48,6 +52,12 @@ def assert_one_line_error(code, err, *fragments):
 
 def tensors(run_dir: Path) -> dict:
     return load_file(run_dir / MODEL_FILE)
+
+
+def chunks_of(monkeypatch, steps: int) -> None:
+    """Train in chunks of `steps` steps, the weight average taking its snapshots at their ends."""
+    monkeypatch.setattr(loop, "SYNC_EVERY", steps)
+    monkeypatch.setattr(averaging, "SNAPSHOT_EVERY", steps)  # the chunk length, as loop.SYNC_EVERY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +131,20 @@ def test_verify_every_passes_on_the_hand_written_gradients(capsys, write_words, 
     assert code == 0, err
 
 
+def test_the_run_records_which_step_ran_and_on_how_many_threads(capsys, write_words, tmp_path):
+    words = write_words(WORDS)
+    expected = {"fast": "c" if kernel_is_fast() else "torch", "eager": "eager"}  # steppers.choose's pick
+    for kind, extra in [("fast", []), ("eager", ["--eager"])]:
+        run_dir = tmp_path / kind
+        code, _, err = cli(capsys, "train", "--input", words, "--steps", 200, "--out", run_dir, *TINY, *extra)
+        assert code == 0, err
+        record = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+        assert record["stepper"] in (steppers.EAGER, "torch", "c")
+        assert record["stepper"] == expected[kind], kind
+        assert type(record["threads"]) is int and record["threads"] >= 1
+        assert record["threads"] == threads_for(8, 8)  # TINY's batch and hidden width: one thread
+
+
 # ---------------------------------------------------------------------------------------------
 # resume
 
@@ -129,20 +153,21 @@ def test_verify_every_passes_on_the_hand_written_gradients(capsys, write_words, 
 @pytest.mark.parametrize("averaging", [[], ["--average-from", "0.2"]])
 def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(capsys, write_words, tmp_path, monkeypatch,
                                                                   averaging):
-    from backprop_ninja import fast, train
-
-    monkeypatch.setattr(train, "SYNC_EVERY", 10)  # chunks of 10 steps: the average gets its snapshots
+    chunks_of(monkeypatch, 10)  # chunks of 10 steps: the average gets its snapshots
     words = write_words(WORDS)
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     assert cli(capsys, "train", "--input", words, "--out", whole, "--steps", 60, *TINY, "--seed", 5,
                *averaging)[0] == 0
 
-    make_stepper = fast.make_stepper
+    choose = steppers.choose
 
-    def ctrl_c_during_step_30(model, batch_size, fast=True):
-        stepper, calls = make_stepper(model, batch_size, fast), []
+    def ctrl_c_during_step_30(model, optimizer, batch_size, fast=True):
+        stepper, calls = choose(model, optimizer, batch_size, fast), []
+        assert stepper is not None  # the lecture MLP with plain SGD: a fused step, whose steps are counted here
 
         class CtrlC:
+            name = stepper.name  # recorded as the step that ran
+
             def step(self, Xb, Yb, lr):
                 calls.append(1)
                 if len(calls) == 30:
@@ -152,7 +177,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(capsys, write_
         return CtrlC()
 
     with monkeypatch.context() as patch:
-        patch.setattr(fast, "make_stepper", ctrl_c_during_step_30)
+        patch.setattr(training_run.steppers, "choose", ctrl_c_during_step_30)
         code, _, err = cli(capsys, "train", "--input", words, "--out", halves, "--steps", 60, *TINY, "--seed", 5,
                            *averaging)
     assert code == 130 and "interrupted at step 30/60" in err
@@ -167,9 +192,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(capsys, write_
 
 
 def test_the_reported_weights_are_the_average_where_the_recipe_averages(capsys, write_words, tmp_path, monkeypatch):
-    from backprop_ninja import train
-
-    monkeypatch.setattr(train, "SYNC_EVERY", 10)
+    chunks_of(monkeypatch, 10)
     common = ["train", "--input", write_words(WORDS), "--steps", 60, *TINY, "--seed", 5]
     assert cli(capsys, *common, "--out", tmp_path / "last", "--no-average")[0] == 0
     assert cli(capsys, *common, "--out", tmp_path / "avg", "--average-from", "0.5")[0] == 0
@@ -315,6 +338,16 @@ def test_a_truncated_or_corrupt_checkpoint_is_refused(capsys, write_words, tmp_p
     code, _, err = cli(capsys, *command, "--out", run_dir)
     assert_one_line_error(code, err, "truncated")
     model_file.write_bytes(payload)
+    with safe_open(model_file, "pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["run"]) == json.loads((run_dir / RUN_FILE).read_text())  # the record, in the file
+    # the commit point's own record (model.safetensors' header) cut short
+    save_file(load_file(model_file), model_file, metadata={**metadata, "run": '{"format": '})
+    code, _, err = cli(capsys, *command, "--out", run_dir)
+    assert_one_line_error(code, err, "corrupt run record")
+    # a checkpoint of format 1, whose record is run.json, with run.json cut short
+    format_1 = {k: v for k, v in metadata.items() if k != "run"} | {"format": "backprop-ninja-run/1"}
+    save_file(load_file(model_file), model_file, metadata=format_1)
     (run_dir / RUN_FILE).write_text('{"format": ')
     code, _, err = cli(capsys, *command, "--out", run_dir)
     assert_one_line_error(code, err, "corrupt or truncated JSON")
@@ -329,14 +362,15 @@ def test_eval_with_a_word_list_outside_the_vocabulary_is_refused(capsys, write_w
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(capsys, write_words, tmp_path,
                                                                                 monkeypatch):
-    from backprop_ninja import fast, train
+    choose = steppers.choose
 
-    make_stepper = fast.make_stepper
-
-    def breaking_at_step_250(model, batch_size, fast=True):
-        stepper, calls = make_stepper(model, batch_size, fast), []
+    def breaking_at_step_250(model, optimizer, batch_size, fast=True):
+        stepper, calls = choose(model, optimizer, batch_size, fast), []
+        assert stepper is not None  # the lecture MLP with plain SGD: a fused step, whose steps are counted here
 
         class Breaking:
+            name = stepper.name
+
             def step(self, Xb, Yb, lr):
                 calls.append(1)
                 if len(calls) == 251:
@@ -345,8 +379,8 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
         return Breaking()
 
-    monkeypatch.setattr(fast, "make_stepper", breaking_at_step_250)
-    monkeypatch.setattr(train, "SAVE_EVERY", 200)
+    monkeypatch.setattr(training_run.steppers, "choose", breaking_at_step_250)
+    monkeypatch.setattr(loop, "SAVE_EVERY", 200)
     run_dir = tmp_path / "run"
     code, _, err = cli(capsys, "train", "--input", write_words(WORDS), "--out", run_dir, "--steps", 400, *TINY)
     assert_one_line_error(code, err, "the loss is nan at step 250", f"the checkpoint of step 200 in {run_dir} is kept")

@@ -1,4 +1,4 @@
-"""The fast stepper against the readable eager one: same model, same batches -> same training."""
+"""The fused steps against the readable three-stage one: same model, same batches -> same training."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
-from backprop_ninja import bench, checkpoint
+from backprop_ninja import bench
 from backprop_ninja.cli import main
 from backprop_ninja.data import load_dataset
-from backprop_ninja.fast import FastMLPStepper, make_fast_stepper, make_stepper
-from backprop_ninja.training.kernel import KernelMLPStepper, kernel_available, kernel_is_fast, make_kernel_stepper
 from backprop_ninja.models import MLPConfig, build_model
-from backprop_ninja.train import EagerStepper
+from backprop_ninja.optim import SGD
+from backprop_ninja.training import checkpoint, steppers
+from backprop_ninja.training.fused import FastMLPStepper
+from backprop_ninja.training.kernel import KernelMLPStepper, kernel_available, kernel_is_fast, make_kernel_stepper
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia", "harper", "evelyn",
          "abigail", "emily", "elizabeth", "mila", "ella", "avery", "sofia", "camila", "aria", "scarlett",
@@ -40,13 +41,30 @@ PARAM_RTOL = 1e-4
 PARAM_ATOL = 1e-5
 
 
+class EagerStep:
+    """The readable three-stage step (loss_and_grads, then the optimizer), the reference of the fused ones."""
+
+    def __init__(self, model) -> None:
+        self.model, self.optimizer = model, SGD(model.params)
+
+    def step(self, Xb, Yb, lr: float):
+        loss, grads = self.model.loss_and_grads(Xb, Yb)
+        self.optimizer.step(self.model.params, grads, lr)
+        return loss
+
+
+def make_torch_step(model, batch_size: int) -> FastMLPStepper:
+    """fused.FastMLPStepper, built where train would build it: where the fused steps apply."""
+    assert steppers.fused_supports(model, SGD(model.params)) is None
+    return FastMLPStepper(model, batch_size)
+
 
 @pytest.fixture(params=["torch", "c"])
 def make_fused(request):
-    """Each fused stepper, tested against the eager one: fast.FastMLPStepper and kernel.KernelMLPStepper."""
+    """Each fused stepper, tested against the eager one: fused.FastMLPStepper and kernel.KernelMLPStepper."""
     if request.param == "c" and not kernel_available():
         pytest.skip("the C step is not built (no C compiler at install)")
-    return make_fast_stepper if request.param == "torch" else make_kernel_stepper
+    return make_torch_step if request.param == "torch" else make_kernel_stepper
 
 
 @pytest.fixture
@@ -73,7 +91,7 @@ def test_one_fused_step_matches_one_eager_step(dataset, make_fused, hidden, batc
     before = {k: p.clone() for k, p in eager_model.params.items()}
     Xb, Yb = next(batches(dataset.train.X, dataset.train.Y, 1, batch_size))
     with torch.no_grad():
-        eager_loss = EagerStepper(eager_model).step(Xb, Yb, LR)
+        eager_loss = EagerStep(eager_model).step(Xb, Yb, LR)
         fast_loss = make_fused(fast_model, batch_size).step(Xb, Yb, LR)
     assert fast_loss.shape == eager_loss.shape == ()
     assert fast_loss.dtype == eager_loss.dtype == torch.float32
@@ -89,7 +107,7 @@ def test_one_fused_step_matches_one_eager_step(dataset, make_fused, hidden, batc
 
 def test_fused_training_tracks_eager_training(dataset, make_fused):
     eager_model, fast_model = mlp(dataset.vocab.size), mlp(dataset.vocab.size)
-    eager, fast = EagerStepper(eager_model), make_fused(fast_model, BATCH)
+    eager, fast = EagerStep(eager_model), make_fused(fast_model, BATCH)
     eager_losses, fast_losses = [], []
     with torch.no_grad():
         for Xb, Yb in batches(dataset.train.X, dataset.train.Y, STEPS):
@@ -107,7 +125,7 @@ def test_fused_training_tracks_eager_training(dataset, make_fused):
 def test_fast_step_leaves_the_thread_setting_as_it_found_it(dataset):
     model = mlp(dataset.vocab.size)
     torch.set_num_threads(2)
-    stepper = make_fast_stepper(model, BATCH)
+    stepper = make_torch_step(model, BATCH)
     assert stepper.threads == 1  # 17 x 23 activations: a small step runs on one thread
     Xb, Yb = next(batches(dataset.train.X, dataset.train.Y, 1))
     with torch.no_grad():
@@ -118,13 +136,34 @@ def test_fast_step_leaves_the_thread_setting_as_it_found_it(dataset):
 def test_only_the_lecture_mlp_gets_a_fast_stepper():
     g = torch.Generator().manual_seed(0)
     deep = build_model(MLPConfig("deep-mlp", 27, block_size=3, n_embd=4, n_hidden=9), g)
-    assert make_fast_stepper(deep, BATCH) is None
-    assert isinstance(make_stepper(deep, BATCH), EagerStepper)
+    assert steppers.fused_supports(deep, SGD(deep.params)) == "the model is not the lecture MLP"
+    assert steppers.choose(deep, SGD(deep.params), BATCH) is None  # the three-stage step
     assert make_kernel_stepper(deep, BATCH) is None
     lecture = mlp(27)
+    assert steppers.fused_supports(lecture, SGD(lecture.params)) is None
     fused = KernelMLPStepper if kernel_is_fast() else FastMLPStepper  # the C step where it runs its AVX2 code
-    assert isinstance(make_stepper(lecture, BATCH), fused)
-    assert isinstance(make_stepper(lecture, BATCH, fast=False), EagerStepper)
+    chosen = steppers.choose(lecture, SGD(lecture.params), BATCH)
+    assert isinstance(chosen, fused)
+    assert steppers.step_name(chosen) == ("c" if kernel_is_fast() else "torch")
+    assert steppers.choose(lecture, SGD(lecture.params), BATCH, fast=False) is None
+
+
+def test_choose_takes_the_three_stage_step_where_no_fused_step_applies():
+    g = torch.Generator().manual_seed(0)
+    lecture = mlp(27)
+    assert steppers.choose(lecture, SGD(lecture.params), BATCH) is not None  # the case that does fuse
+    # not the lecture MLP: makemore part 3's deep MLP and part 5's wavenet
+    for config in [MLPConfig("deep-mlp", 27, block_size=3, n_embd=4, n_hidden=9),
+                   MLPConfig("wavenet", 27, block_size=8, n_embd=4, n_hidden=9)]:
+        other = build_model(config, g)
+        assert steppers.choose(other, SGD(other.params), BATCH) is None, config.model
+    # not asked for a fast step (train --eager)
+    assert steppers.choose(lecture, SGD(lecture.params), BATCH, fast=False) is None
+    # weight decay: the fused steps fold in a plain SGD update only
+    decaying = SGD(lecture.params, weight_decay=0.1)
+    assert steppers.fused_supports(lecture, decaying) is not None
+    assert steppers.choose(lecture, decaying, BATCH) is None
+    assert steppers.step_name(None) == "eager"
 
 
 def test_train_fast_and_eager_reach_the_same_model(write_words, tmp_path):
@@ -133,6 +172,7 @@ def test_train_fast_and_eager_reach_the_same_model(write_words, tmp_path):
     assert main([*common, "--out", str(tmp_path / "fast")]) == 0
     assert main([*common, "--out", str(tmp_path / "eager"), "--eager"]) == 0
     fast, eager = checkpoint.load(tmp_path / "fast"), checkpoint.load(tmp_path / "eager")
+    assert (fast.info.stepper, eager.info.stepper) == ("c" if kernel_is_fast() else "torch", "eager")
     torch.testing.assert_close(fast.losses, eager.losses, rtol=0, atol=LOSS_ATOL)
     for name, p in eager.model.params.items():
         torch.testing.assert_close(fast.model.params[name], p, rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=name)

@@ -10,9 +10,10 @@ import os
 import pytest
 import torch
 
-from backprop_ninja.training import kernel
-from backprop_ninja.fast import FastMLPStepper, make_stepper
 from backprop_ninja.models import MLPConfig, build_model
+from backprop_ninja.optim import SGD
+from backprop_ninja.training import kernel, steppers
+from backprop_ninja.training.fused import FastMLPStepper
 
 # tanh and exp are computed in float64 and rounded once: correctly rounded floats, but for a
 # double rounding when the float64 value lies within ~1e-16 of a tie (measured max: 0.49999997 ulp).
@@ -60,6 +61,11 @@ def lecture_mlp(hidden: int = 11):
     return build_model(config, torch.Generator().manual_seed(0))
 
 
+def train_step(model, batch_size: int):
+    """The step train would take for the model with plain SGD (steppers.choose; None: the three stages)."""
+    return steppers.choose(model, SGD(model.params), batch_size)
+
+
 @needs_kernel
 def test_an_id_outside_the_vocabulary_gives_nan_and_changes_nothing():
     model = lecture_mlp()
@@ -88,21 +94,22 @@ def test_no_c_step_for_another_dtype_or_device():
     for t in model.params.values():
         t.data = t.data.double()
     assert kernel.make_kernel_stepper(model, 5) is None
-    assert isinstance(make_stepper(model, 5), FastMLPStepper)
+    assert isinstance(train_step(model, 5), FastMLPStepper)
 
 
 def test_train_falls_back_to_the_torch_step_without_the_library(monkeypatch):
     monkeypatch.setattr(kernel, "load_library", lambda: None)
     assert not kernel.kernel_available() and not kernel.kernel_is_fast()
-    assert isinstance(make_stepper(lecture_mlp(), 5), FastMLPStepper)
+    assert kernel.make_kernel_stepper(lecture_mlp(), 5) is None
+    assert isinstance(train_step(lecture_mlp(), 5), FastMLPStepper)
 
 
 @needs_kernel
 def test_train_leaves_the_step_to_torch_where_the_c_step_is_not_vectorized(monkeypatch):
     expected = kernel.KernelMLPStepper if kernel.kernel_is_fast() else FastMLPStepper
-    assert isinstance(make_stepper(lecture_mlp(), 5), expected)
+    assert isinstance(train_step(lecture_mlp(), 5), expected)
     monkeypatch.setattr(kernel, "kernel_is_fast", lambda: False)  # a CPU without AVX2 and FMA
-    assert isinstance(make_stepper(lecture_mlp(), 5), FastMLPStepper)
+    assert isinstance(train_step(lecture_mlp(), 5), FastMLPStepper)
 
 
 @needs_kernel

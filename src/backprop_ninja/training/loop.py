@@ -27,12 +27,14 @@ from backprop_ninja.checking.verify import first_disagreement
 from backprop_ninja.errors import UserError
 from backprop_ninja.models import Model
 from backprop_ninja.optim import Optimizer
-from backprop_ninja.training.averaging import WeightAverage
+from backprop_ninja.training.averaging import SNAPSHOT_EVERY, WeightAverage
 from backprop_ninja.training.progress import Progress
 from backprop_ninja.training.signals import StopFlag
 from backprop_ninja.training.steppers import FusedStep
 
-SYNC_EVERY = 100  # steps between reads of the losses: progress bar, NaN check, Ctrl-C checkpoint
+# steps between reads of the losses (progress bar, NaN check, Ctrl-C checkpoint); the chunks end where
+# the weight average takes its snapshots
+SYNC_EVERY = SNAPSHOT_EVERY
 SAVE_EVERY = 10_000  # periodic checkpoint; a multiple of SYNC_EVERY
 
 
