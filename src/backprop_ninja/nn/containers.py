@@ -1,4 +1,5 @@
-"""Containers of layers: Sequential, which runs its layers in order and their backwards in reverse.
+"""Containers of layers: Sequential runs its layers in order and their backwards in reverse;
+Residual adds a branch to its input and sums the gradients of the two paths.
 
 Gradient policy (backprop_ninja.conventions): a container's backward replaces its grads with the
 union of its layers' grads; a tensor used by two branches gets the sum of the two gradients.
@@ -107,3 +108,28 @@ class Sequential(Layer):
 
     def __repr__(self) -> str:
         return "Sequential(\n" + "".join(f"  {layer!r}\n" for layer in self.layers) + ")"
+
+
+class Residual(Layer):
+    """out = x + branch(x): x is used twice, so its gradient is the sum of the two paths' gradients.
+
+    The pre-LayerNorm transformer block is two of these; the branch is any layer or container.
+    """
+
+    def __init__(self, branch: Layer) -> None:
+        super().__init__()
+        self.branch = branch
+        self.params = branch.params
+        self.buffers = branch.buffers
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.branch.forward(x)  # (..., H)
+
+    def backward(self, dout: Tensor) -> Tensor:
+        # out = x + branch(x): the identity path passes dout through, the branch adds its own
+        dx = dout + self.branch.backward(dout)  # (..., H)
+        self.grads = self.branch.grads
+        return dx
+
+    def __repr__(self) -> str:
+        return f"Residual({self.branch!r})"
