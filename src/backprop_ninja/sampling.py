@@ -20,7 +20,7 @@ MAX_LEN_FACTOR = 2  # a sample is cut at twice the longest word of the data
 
 
 @torch.no_grad()
-@torch_threads(1)  # a few MFLOP per forward pass: 1000 words take 0.14 s on one thread, 3.8 s on two
+@torch_threads(1)  # a few MFLOP per forward pass: a second thread costs more than it saves (docs/speed.md)
 def sample_tokens(
     model: Model,
     n: int,

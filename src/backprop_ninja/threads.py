@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
-# Below this many hidden activations per step (B * H) a step runs on one thread (the lecture's
-# 32 x 200 step is several times faster on one thread on the 2-core machine of docs/speed.md).
+# Below this many hidden activations per step (B * H) a step runs on one thread (docs/speed.md
+# has the measurements behind the threshold).
 SINGLE_THREAD_BELOW = 65_536
 
 

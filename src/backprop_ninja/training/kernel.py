@@ -141,7 +141,7 @@ class KernelMLPStepper:
         self._check_tensors()
         Xb, Yb = self._ids(Xb, Yb)
         loss = self.lib.mlp_step(self.plan_ref, Xb.data_ptr(), Yb.data_ptr(), Yb.shape[0], lr, self.work.data_ptr())
-        return torch.scalar_tensor(loss)  # float32 0-d; 1 us where torch.tensor(loss) takes 2.5-6
+        return torch.scalar_tensor(loss)  # float32 0-d; cheaper than torch.tensor(loss)
 
     def steps(self, Xs: Tensor, Ys: Tensor, lrs: list[float]) -> Tensor:
         """len(lrs) steps in one call, on the batches Xs (S, B, T), Ys (S, B); returns the losses (S,).

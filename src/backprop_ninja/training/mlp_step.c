@@ -31,8 +31,8 @@
 #define CLONED
 #endif
 
-/* 1 where the step runs its AVX2 copy. The portable copy computes the same step, ~10x slower (its
-   8-float vectors are split through the stack), so kernel.py leaves the step to torch there. */
+/* 1 where the step runs its AVX2 copy. The portable copy computes the same step, much slower (its
+   8-float vectors are split through the stack; docs/speed.md), so kernel.py leaves the step to torch there. */
 int mlp_step_is_vectorized(void) {
 #if X86_64_V3_CLONES
     __builtin_cpu_init();
@@ -59,7 +59,7 @@ typedef struct {
 /* matrix multiplication, blocked so that the partial sums stay in registers */
 
 /* 8 floats: one AVX2 register. A wider vector than the target has is split by the compiler, but
-   through the stack (20 times slower measured); on AVX-512 hardware 8-wide code is as fast here. */
+   through the stack (docs/speed.md); on AVX-512 hardware 8-wide code is as fast. */
 #define W 8
 typedef float vec __attribute__((vector_size(W * sizeof(float))));
 
@@ -71,8 +71,8 @@ static inline __attribute__((always_inline)) vec loadv(const float *p) {
 
 /* Rows m..m+3 of out[:, 0:width], width <= 2W: out[m, j] = sum_k A[m * a_row + k * a_col] * Bm[k * ldb + j].
    The 4 x 2W partial sums stay in 8 registers over the whole sum, each load of Bm serves 4 rows,
-   and 8 independent multiply-adds per k hide each one's latency (85 GFLOP/s here; one row of 4W
-   columns reached 50). Rows past M repeat row M - 1, and are not stored. */
+   and 8 independent multiply-adds per k hide each one's latency (docs/speed.md has the rates).
+   Rows past M repeat row M - 1, and are not stored. */
 static inline __attribute__((always_inline)) void block4(int64_t m, int64_t M, int64_t Kd, const float *A, int64_t a_row,
                                                          int64_t a_col, const float *restrict Bm, int64_t ldb,
                                                          float *restrict out, int64_t ldo, int64_t width) {
