@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `backprop-ninja` command: main(), then exit without Python's module-by-module teardown,
-    which takes a large part of a second in a process that imported torch (docs/speed.md) (as mypy's --fast-exit does). Every
+    which is slow in a process that imported torch (docs/speed.md), as mypy's --fast-exit does. Every
     file the command writes is closed (and fsynced) before main() returns; logging and the output
     are flushed here. The fast exit is taken only where nothing else could still need the teardown:
     no other non-daemon thread alive, torch.distributed not initialised."""
