@@ -41,13 +41,12 @@ from torch import Tensor
 APPROX_RTOL = 1e-5
 APPROX_ATOL = 1e-8
 
-# A correct backward differs from autograd by the rounding of another summation order: at most a
-# few hundred units in the last place of the terms' scale (measured in float32 up to 5e-6 of the
-# scale, i.e. 40 ulp, over seeds, batches 3..5000 and hidden widths 4..200). 1024 ulp leaves a
-# margin over that and bounds the error at 1.2e-4 of the scale in float32 and 2.3e-13 in float64:
-# the smallest relative slip the verdict sees. A Bessel slip n/(n-1) is 1e-3 at n = 1000 and 1e-5
-# at n = 100,000: float32 misses it from n of about 8,000, float64 at any batch (so the grader runs
-# the learner's code in float64 too, see grading).
+# A correct backward differs from autograd by the rounding of another summation order: tens of
+# units in the last place of the terms' scale (docs/verdict.md). 1024 ulp leaves a margin over
+# that and bounds the error at 1.2e-4 of the scale in float32 and 2.3e-13 in float64: the smallest
+# relative slip the verdict sees. A Bessel slip n/(n-1) is 1e-3 at n = 1000: float32 misses it from
+# n of about 8,000, float64 at no batch a user will try (so the grader runs the learner's code in
+# float64 too).
 ROUNDING_ULPS = 1024
 # A gradient whose exact value is 0 is noise of the gradients it is computed from; its scale is
 # never taken below this fraction of the largest gradient in the same check.
