@@ -9,6 +9,7 @@ import signal
 import threading
 
 import pytest
+import torch
 
 from backprop_ninja import cli
 from backprop_ninja.cli import main
@@ -61,3 +62,35 @@ def test_the_fast_exit_waits_for_a_live_thread():
         release.set()
         worker.join()
     assert cli.fast_exit_is_safe()
+
+
+def test_adamw_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(write_words, tmp_path, monkeypatch):
+    """The optimizer's moments and step count are in the checkpoint: resume continues AdamW exactly."""
+    from backprop_ninja.training import run as training_run
+    from backprop_ninja.training.checkpoint import load
+    from backprop_ninja.training.diagnostics import TrainingMonitor
+
+    words = write_words(WORDS)
+    common = ["train", "--input", str(words), "--steps", "60", "--optimizer", "adamw", "--hidden", "8"]
+    assert main([*common, "--out", str(tmp_path / "straight")]) == 0
+
+    class CtrlCAtStep30(TrainingMonitor):
+        def __call__(self, step, Xb, Yb, grads, lr):
+            if step == 30:
+                signal.raise_signal(signal.SIGINT)  # the handler asks the loop to stop after this step
+            return super().__call__(step, Xb, Yb, grads, lr)
+
+    monkeypatch.setattr(training_run, "DIAGNOSE_EVERY", 10)
+    monkeypatch.setattr(training_run, "TrainingMonitor", CtrlCAtStep30)
+    assert main([*common, "--out", str(tmp_path / "resumed")]) == 130
+    stopped = load(tmp_path / "resumed")
+    assert stopped.info.step == 31 and int(stopped.optimizer_state["step"][0]) == 31
+    monkeypatch.undo()
+    assert main(["train", "--resume", "--out", str(tmp_path / "resumed")]) == 0
+    straight, resumed = load(tmp_path / "straight"), load(tmp_path / "resumed")
+    assert resumed.info.optimizer == "adamw" and resumed.info.weight_decay == 0.01 and resumed.info.lr == 5e-4
+    assert torch.equal(straight.losses, resumed.losses)
+    for name, p in straight.model.params.items():
+        assert torch.equal(p, resumed.model.params[name]), name
+    for name, m in straight.optimizer_state.items():
+        assert torch.equal(m, resumed.optimizer_state[name]), name

@@ -58,6 +58,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _number(text)
     if not value > 0 or value == float("inf"):
@@ -124,8 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=positive_int, help="total training steps (default: the model's recipe)")
     # no defaults here: train fills them in, and a resumed run tells a given option from an omitted one
     g.add_argument("--batch-size", type=batch_size_type, help="examples per step (default: 32)")
-    g.add_argument("--lr", type=_positive_float, help="learning rate before the decay to lr/10 (default: 0.1)")
+    g.add_argument("--lr", type=_positive_float,
+                   help="learning rate before the decay to lr/10 (default: 0.1 for sgd, 5e-4 for adamw)")
     g.add_argument("--seed", type=int, help=f"fixes initialisation and batches (default: {LECTURE_SEED})")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"),
+                   help="the update written by hand (default: sgd, the lectures'; adamw: makemore's)")
+    g.add_argument("--weight-decay", type=_non_negative_float, metavar="W",
+                   help="decoupled weight decay (default: 0 for sgd, 0.01 for adamw)")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     averaging = g.add_mutually_exclusive_group()
     averaging.add_argument("--average-from", type=_fraction, metavar="F",

@@ -10,9 +10,10 @@ A new optimizer: a module here and one entry in OPTIMIZERS (docs/architecture.md
 from __future__ import annotations
 
 from backprop_ninja.errors import UserError
+from backprop_ninja.optim.adamw import AdamW
 from backprop_ninja.optim.sgd import SGD, Optimizer
 
-OPTIMIZERS: dict[str, type] = {"sgd": SGD}
+OPTIMIZERS: dict[str, type] = {"sgd": SGD, "adamw": AdamW}
 
 
 def make_optimizer(name: str, params, **settings) -> Optimizer:
@@ -23,4 +24,4 @@ def make_optimizer(name: str, params, **settings) -> Optimizer:
     return kind(params, **settings)
 
 
-__all__ = ["OPTIMIZERS", "SGD", "Optimizer", "make_optimizer"]
+__all__ = ["OPTIMIZERS", "SGD", "AdamW", "Optimizer", "make_optimizer"]

@@ -25,8 +25,10 @@ from backprop_ninja.training.evaluation import RunData, load_run_data
 
 DEFAULT_MODEL = "mlp"
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_LR = 0.1  # the lecture's; lr / 10 after the recipe's decay point
 DEFAULT_OPTIMIZER = "sgd"
+# per optimizer: (learning rate, weight decay). SGD's are the lecture's (lr / 10 after the recipe's
+# decay point); AdamW's makemore's.
+OPTIMIZER_DEFAULTS = {"sgd": (0.1, 0.0), "adamw": (5e-4, 0.01)}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class TrainOptions:
     batch_size: int | None = None
     lr: float | None = None
     seed: int | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
     device: str = "cpu"
     average_from: float | None = None
     no_average: bool = False
@@ -82,14 +86,17 @@ def start(options: TrainOptions, device: torch.device) -> Run:
     g = torch.Generator().manual_seed(seed)
     model = build_model(config, g).to(device)
     steps = options.steps or spec.steps
+    optimizer_name = options.optimizer or DEFAULT_OPTIMIZER
+    default_lr, default_decay = OPTIMIZER_DEFAULTS[optimizer_name]
     info = RunInfo(
         config=config, chars=ds.vocab.chars, input=data.input, input_sha256=data.sha256,
         max_word_len=max(len(w) for ws in ds.words.values() for w in ws), seed=seed,
-        batch_size=options.batch_size or DEFAULT_BATCH_SIZE, lr=options.lr or DEFAULT_LR, decay_at=spec.decay_at,
+        batch_size=options.batch_size or DEFAULT_BATCH_SIZE, lr=options.lr or default_lr, decay_at=spec.decay_at,
         steps=steps, step=0, calibrated=False,
         average_from=None if options.no_average else (spec.average_from if options.average_from is None
                                                       else options.average_from),
-        optimizer=DEFAULT_OPTIMIZER,
+        optimizer=optimizer_name,
+        weight_decay=default_decay if options.weight_decay is None else options.weight_decay,
     )
     losses = torch.full((steps,), math.nan, device=device)  # (steps,)
     optimizer = make_optimizer(info.optimizer, model.params, weight_decay=info.weight_decay)
@@ -115,6 +122,7 @@ def resume(options: TrainOptions, device: torch.device) -> Run:
         "--hidden": (options.hidden, getattr(config, "n_hidden", None)),
         "--seed": (options.seed, info.seed), "--batch-size": (options.batch_size, info.batch_size),
         "--lr": (options.lr, info.lr), "--average-from": (options.average_from, info.average_from),
+        "--optimizer": (options.optimizer, info.optimizer), "--weight-decay": (options.weight_decay, info.weight_decay),
     }
     if options.no_average and info.average_from is not None:
         raise UserError(f"--no-average: the run in {run_dir} averages its weights from {info.average_from} of its "

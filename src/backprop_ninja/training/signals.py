@@ -34,13 +34,17 @@ def sigint_requests_stop() -> Iterator[StopFlag]:
 @contextmanager
 def sigint_deferred() -> Iterator[None]:
     """Hold Ctrl-C until the block is done (a checkpoint save): a SIGINT that arrives meanwhile is
-    delivered when it ends. Only where signals can be blocked (POSIX, the main thread)."""
-    can_block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    if not can_block:
+    handed, once the block ends, to the handler that was there before (the loop's stop request, or
+    Python's KeyboardInterrupt). A handler, not a signal mask: torch's worker threads would take a
+    blocked process-directed signal. Signals reach the main thread only; elsewhere nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            signal.raise_signal(signal.SIGINT)

@@ -1,0 +1,65 @@
+"""AdamW (Loshchilov and Hutter, 2019), written out as torch.optim.AdamW computes it.
+
+Per parameter p with gradient g, at step t = 1, 2, ...:
+
+    p *= 1 - lr * weight_decay                       # decoupled weight decay
+    m = beta1 * m + (1 - beta1) * g                  # first moment
+    v = beta2 * v + (1 - beta2) * g * g              # second moment
+    p -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+makemore's settings are the defaults: lr 5e-4 (given per step), weight decay 0.01, betas
+(0.9, 0.99), eps 1e-8. The moments and the step count are the state a checkpoint keeps, so a
+resumed run continues bit for bit (makemore's own --resume restores the model only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+STEP_KEY = "step"  # (1,) int64 in the state: steps taken
+
+
+class AdamW:
+    name = "adamw"
+
+    def __init__(self, params: dict[str, Tensor], weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8) -> None:
+        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
+        self.m = {name: torch.zeros_like(p) for name, p in params.items()}  # first moments
+        self.v = {name: torch.zeros_like(p) for name, p in params.items()}  # second moments
+        self.t = 0
+
+    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], lr: float) -> None:
+        self.t += 1
+        beta1, beta2 = self.betas
+        bias1 = 1 - beta1**self.t
+        root_bias2 = math.sqrt(1 - beta2**self.t)
+        for name, p in params.items():
+            g, m, v = grads[name], self.m[name], self.v[name]
+            p.mul_(1 - lr * self.weight_decay)
+            m.lerp_(g, 1 - beta1)  # beta1 * m + (1 - beta1) * g
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denominator = (v.sqrt() / root_bias2).add_(self.eps)
+            p.addcdiv_(m, denominator, value=-lr / bias1)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {f"m.{name}": m for name, m in self.m.items()}
+        state |= {f"v.{name}": v for name, v in self.v.items()}
+        state[STEP_KEY] = torch.tensor([self.t], dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = {f"m.{n}" for n in self.m} | {f"v.{n}" for n in self.v} | {STEP_KEY}
+        if state.keys() != expected:
+            missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
+            raise ValueError(f"AdamW state: missing {missing}, unexpected {extra}")
+        for name in self.m:
+            for moments, prefix in ((self.m, "m."), (self.v, "v.")):
+                stored = state[prefix + name]
+                if stored.shape != moments[name].shape or stored.dtype != moments[name].dtype:
+                    raise ValueError(f"AdamW state: {prefix}{name} is {stored.dtype} {tuple(stored.shape)}")
+                moments[name].copy_(stored)
+        self.t = int(state[STEP_KEY][0])
