@@ -17,11 +17,15 @@ import torch
 
 import backprop_ninja
 from backprop_ninja import cli
-from backprop_ninja.grading import BROADCAST_RULE, LectureTensors, grade, load_solution
+from backprop_ninja.grading.diagnoses import BROADCAST_RULE
+from backprop_ninja.grading.grade import grade
+from backprop_ninja.grading.solution import LectureTensors, load_solution
+from backprop_ninja.grading.starter import TEMPLATE as STARTER_TEMPLATE
 
 SOLUTIONS = Path(__file__).with_name("solutions")
 CORRECT = SOLUTIONS / "correct.py"
-TEMPLATE = Path(backprop_ninja.__file__).with_name("solution_template.py")
+TEMPLATE = Path(backprop_ninja.__file__).parent / "lecture" / "solution_template.py"
+assert TEMPLATE.resolve() == STARTER_TEMPLATE.resolve()  # the file `exercise` writes
 SMALL = dict(seed=1234, batch_size=7, n_hidden=13)
 WORDS = (
     "emma olivia ava isabella sophia charlotte mia amelia harper evelyn abigail emily elizabeth mila ella "
@@ -157,10 +161,9 @@ def test_a_view_that_shares_memory_legitimately_is_not_blamed(tmp_path, words):
     "line, buggy, name, advice",
     [
         ("dbnmeani = (-dbndiff).sum(0, keepdim=True)", "dbnmeani = (-dbndiff).sum(0)", "bnmeani", "keepdim=True"),
-        ("dbndiff2 = (1.0 / (n - 1)) * torch.ones_like(t.bndiff2) * dbnvar", "dbndiff2 = (1.0 / (n - 1)) * dbnvar",
-         "bndiff2", "torch.ones_like(t.bndiff2)"),
+        ("db2 = dlogits.sum(0)", "db2 = dlogits.sum(0, keepdim=True)", "b2", "sum without keepdim=True"),
     ],
-    ids=["keepdim", "expand"],
+    ids=["keepdim", "extra-dim"],
 )  # fmt: skip
 def test_shape_that_broadcasts_to_the_right_values_is_a_warning_not_a_failure(tmp_path, words, line, buggy, name,
                                                                               advice):  # fmt: skip
@@ -170,6 +173,24 @@ def test_shape_that_broadcasts_to_the_right_values_is_a_warning_not_a_failure(tm
     assert statuses(ex)[name] == "warning"
     assert len(ex.warnings) == 1 and ex.warnings[0].startswith(f"d{name} has shape") and advice in ex.warnings[0]
     assert f"warning: {ex.warnings[0]}" in str(result)
+
+
+def test_a_gradient_with_fewer_entries_than_its_tensor_is_wrong_even_where_it_broadcasts(tmp_path, words):
+    """dbndiff2 of shape (1, H) for the (n, H) bndiff2 holds the right numbers once broadcast, but it
+    is not a gradient of bndiff2: the verdict wants the tensor's number of entries (a warning under
+    the old allclose-based grader, wrong since the verdict of checking.verdict.judge)."""
+    line = "dbndiff2 = (1.0 / (n - 1)) * torch.ones_like(t.bndiff2) * dbnvar"
+    result = grade_small(words, file=with_bug(tmp_path, line, "dbndiff2 = (1.0 / (n - 1)) * dbnvar"))
+    ex = result.exercises["backward"]
+    assert result.exit_code == 1 and not ex.warnings
+    assert ex.first_divergence == "bndiff2" and ex.wrong == ["bndiff2"]  # the rows below use it broadcast: right
+    row = next(r for r in ex.rows if r.name == "bndiff2")
+    assert (row.shape, row.expected_shape) == ((1, 13), (7, 13))
+    assert row.row.approximate  # the lecture's column broadcasts, and cannot tell
+    assert row.reason == "has 13 entries; the tensor has 91 (shape (7, 13))"
+    assert ex.diagnoses[0].startswith("dbndiff2 has shape (1, 13) but bndiff2 has shape (7, 13): "
+                                      "a gradient has its tensor's shape")
+    assert any(n.startswith("bndiff2 is wrong though approximate says True") for n in ex.notes)
 
 
 def test_missing_gradients_are_listed_and_fail(tmp_path, words):

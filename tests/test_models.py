@@ -10,6 +10,7 @@ import torch
 
 from backprop_ninja import ops
 from backprop_ninja.checking import model_check
+from backprop_ninja.cli import check as cli_check
 from backprop_ninja.errors import UserError
 from backprop_ninja.models import MODELS, MLPConfig, build_model
 
@@ -18,9 +19,9 @@ WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "ame
          "abigail", "emily", "elizabeth", "mila", "ella", "avery", "sofia", "camila", "aria", "scarlett"]
 
 
-def config_of(name: str, vocab_size: int = 27, **changes) -> ModelConfig:
-    spec = MODELS[name]
-    shape = dict(block_size=spec.block_size, n_embd=spec.n_embd, n_hidden=spec.n_hidden) | changes
+def config_of(name: str, vocab_size: int = 27, **changes) -> MLPConfig:
+    defaults = MODELS[name].defaults
+    shape = dict(block_size=defaults.block_size, n_embd=defaults.n_embd, n_hidden=defaults.n_hidden) | changes
     return MLPConfig(name, vocab_size, **shape)
 
 
@@ -56,8 +57,9 @@ def test_recipes_are_the_lectures():
     for name in NEW_MODELS:
         assert (MODELS[name].steps, MODELS[name].decay_at) == (200_000, 0.75)  # lr / 10 at 150,000
     for name, shape in (("wavenet", (8, 24, 128)), ("deep-mlp", (3, 10, 100))):
-        spec = MODELS[name]
-        assert (spec.block_size, spec.n_embd, spec.n_hidden) == shape
+        defaults = MODELS[name].defaults
+        assert isinstance(defaults, MLPConfig) and defaults.model == name
+        assert (defaults.block_size, defaults.n_embd, defaults.n_hidden) == shape
 
 
 @pytest.mark.parametrize("name", NEW_MODELS)
@@ -142,7 +144,7 @@ def test_a_few_hundred_hand_written_sgd_steps_lower_the_loss(name):
 
 @pytest.mark.parametrize("name", NEW_MODELS)
 def test_check_table_has_a_row_per_layer_output_and_parameter_all_approximate(name, word_file, capsys):
-    assert model_check.run_model_check(check_args(name, word_file, hidden=16)) == 0
+    assert cli_check.run_model(check_args(name, word_file, hidden=16)) == 0
     out = capsys.readouterr().out
     model = build(name, n_hidden=16)
     rows = [line.split("|")[0].strip() for line in out.splitlines() if "| exact:" in line]
@@ -151,31 +153,37 @@ def test_check_table_has_a_row_per_layer_output_and_parameter_all_approximate(na
     assert rows[0] == f"L{len(model.net.layers) - 1} " + ("Linear" if name == "wavenet" else "BatchNorm")
     assert rows[-2:] == ["L0 Embedding", "C"]  # backward order: the embedding comes last
     assert "approximate: False" not in out
+    assert "wrong:" not in out
+
+
+@pytest.mark.parametrize("name", NEW_MODELS)
+def test_model_rows_pair_each_lecture_row_with_its_verdict(name, word_file):
+    model, Xb, Yb = model_check.model_setup(name, 2147483647, 5, 16, word_file)
+    checked = model_check.model_rows(model, Xb, Yb)
+    assert len(checked) == len(model.net.layers) + len(model.params)
+    assert all(isinstance(c, model_check.CheckedRow) for c in checked)
+    for row, verdict in checked:
+        assert row.approximate, row
+        assert verdict.right and verdict.reason is None, (row, verdict)
+        assert verdict.maxdiff <= verdict.bound and not verdict.reshaped
 
 
 def test_check_uses_the_models_own_width_unless_hidden_is_given(word_file, capsys):
-    model_check.run_model_check(check_args("wavenet", word_file))  # no --hidden
+    cli_check.run_model(check_args("wavenet", word_file))  # no --hidden
     assert "n_hidden 128," in capsys.readouterr().out
-    model_check.run_model_check(check_args("wavenet", word_file, hidden=64))
+    cli_check.run_model(check_args("wavenet", word_file, hidden=64))
     assert "n_hidden 64," in capsys.readouterr().out
 
 
 def test_check_exits_non_zero_when_a_backward_is_wrong(word_file, monkeypatch, capsys):
     monkeypatch.setattr(ops, "tanh_backward", lambda dout, cache: dout)  # forgot the 1 - h**2
-    assert model_check.run_model_check(check_args("wavenet", word_file, hidden=16)) == 1
-    assert "approximate: False" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("name", NEW_MODELS)
-def test_check_numerical_agrees_with_finite_differences(name, word_file, capsys):
-    assert model_check.run_model_check(check_args(name, word_file, hidden=8, numerical=True)) == 0
+    assert cli_check.run_model(check_args("wavenet", word_file, hidden=16)) == 1
     out = capsys.readouterr().out
-    assert out.count("numerical: True") == len(build(name, n_hidden=8).params)
+    assert "approximate: False" in out
+    assert "wrong: W1 is off by" in out  # the verdict's one-line reason
 
 
-def test_check_numerical_catches_a_wrong_backward(word_file, monkeypatch):
-    original = ops.batchnorm_backward
-
+def _no_bessel(original):
     def no_bessel(dout, cache):  # the biased variance's backward: off by n/(n-1) in one term
         xhat, var_inv, gain, dims = cache
         n = xhat.numel() // var_inv.numel()
@@ -184,6 +192,24 @@ def test_check_numerical_catches_a_wrong_backward(word_file, monkeypatch):
         dx = gain * var_inv / n * (n * dout - dbias - xhat * dgain)
         return dx, *original(dout, cache)[1:]
 
-    monkeypatch.setattr(ops, "batchnorm_backward", no_bessel)
+    return no_bessel
+
+
+def test_model_rows_verdict_catches_a_bessel_slip_in_float64(word_file, monkeypatch):
+    monkeypatch.setattr(ops, "batchnorm_backward", _no_bessel(ops.batchnorm_backward))
+    checked = model_check.model_rows(*model_check.model_setup("deep-mlp", 1, 5, 8, word_file))
+    wrong = [row.name for row, verdict in checked if not verdict.right]
+    assert wrong and "C" in wrong  # the slip flows down to the embedding
+
+
+@pytest.mark.parametrize("name", NEW_MODELS)
+def test_check_numerical_agrees_with_finite_differences(name, word_file, capsys):
+    assert cli_check.run_model(check_args(name, word_file, hidden=8, numerical=True)) == 0
+    out = capsys.readouterr().out
+    assert out.count("numerical: True") == len(build(name, n_hidden=8).params)
+
+
+def test_check_numerical_catches_a_wrong_backward(word_file, monkeypatch):
+    monkeypatch.setattr(ops, "batchnorm_backward", _no_bessel(ops.batchnorm_backward))
     rows = model_check.numerical_rows(*model_check.model_setup("deep-mlp", 1, 5, 8, word_file), seed=1)
     assert not all(row.ok for row in rows)
