@@ -49,8 +49,12 @@ def with_bug(tmp_path: Path, line: str, buggy: str) -> Path:
     return path
 
 
-def grade_small(words: Path, **kwargs):
-    return grade(**SMALL, input=words, verbose=False, **kwargs)
+def grade_small(words: Path, file: Path | None = None, **kwargs):
+    """Grade at the small shapes. A file's functions are loaded and graded in this process: the
+    diagnoses are the same, and the child process that runs files apart is tested in
+    test_isolation.py (and below, through the command) without a child start per test."""
+    functions = load_solution(file) if file is not None else {}
+    return grade(**SMALL, input=words, verbose=False, **functions, **kwargs)
 
 
 def statuses(exercise) -> dict[str, str]:
@@ -188,8 +192,9 @@ def test_a_gradient_with_fewer_entries_than_its_tensor_is_wrong_even_where_it_br
     assert (row.shape, row.expected_shape) == ((1, 13), (7, 13))
     assert row.row.approximate  # the lecture's column broadcasts, and cannot tell
     assert row.reason == "has 13 entries; the tensor has 91 (shape (7, 13))"
-    assert ex.diagnoses[0].startswith("dbndiff2 has shape (1, 13) but bndiff2 has shape (7, 13): "
-                                      "a gradient has its tensor's shape")
+    assert ex.diagnoses[0].startswith("dbndiff2 has shape (1, 13) but bndiff2 has shape (7, 13): it would "
+                                      "broadcast to (7, 13), but a gradient has one entry per entry of its "
+                                      "tensor: expand it, e.g. * torch.ones_like(t.bndiff2)")
     assert any(n.startswith("bndiff2 is wrong though approximate says True") for n in ex.notes)
 
 

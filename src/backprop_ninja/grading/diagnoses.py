@@ -223,13 +223,15 @@ def shape_note(name: str, shape: torch.Size, expected: torch.Size) -> str:
         dims = lead + kept
         over = f"dim {dims[0]}" if len(dims) == 1 else f"dims {tuple(dims)}"
         return f"{head}: {name} was broadcast over {over} in the forward pass, and {BROADCAST_RULE}: {how}"
+    if _broadcast_dims(shape, expected) is not None:  # smaller: fewer entries than the tensor has
+        return (f"{head}: it would broadcast to {want}, but a gradient has one entry per entry of its tensor: "
+                f"expand it, e.g. * torch.ones_like(t.{name})")
     return f"{head}: a gradient has its tensor's shape; {BROADCAST_RULE}"
 
 
 def shape_warning(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    """For a right gradient whose shape differs from its tensor's in size-1 dimensions only."""
     head = f"d{name} has shape {_fmt(shape)} but {name} has shape {_fmt(expected)}; it is right once broadcast"
-    if math.prod(shape) < math.prod(expected):
-        return f"{head}, but a gradient has its tensor's shape: expand it, e.g. * torch.ones_like(t.{name})"
     if len(shape) < len(expected):
         return f"{head}: keepdim=True in the sum that made it keeps the shape (e.g. .sum(0, keepdim=True))"
     if len(shape) > len(expected):
