@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
+from backprop_ninja.models import MODELS, build_model
+from backprop_ninja.optim import SGD
 from backprop_ninja.training import diagnostics
 from backprop_ninja.training.diagnostics import TrainingMonitor
-from backprop_ninja.models import MODELS, MLPConfig, build_model
+from backprop_ninja.training.loop import Schedule, train_steps
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("activations.png", "gradients.png", "update-ratio.png")
@@ -18,23 +20,34 @@ STAT_TOL = 1e-6  # float32 means and stds of a handful of exact values
 
 
 def deep_mlp(n_hidden: int = 32, seed: int = 0):
-    spec = MODELS["deep-mlp"]
-    config = MLPConfig("deep-mlp", 27, spec.block_size, spec.n_embd, n_hidden)
+    config = MODELS["deep-mlp"].config(27, n_hidden=n_hidden)  # its default block_size and n_embd
     return build_model(config, torch.Generator().manual_seed(seed))
 
 
+class Lines:
+    """The progress the training loop writes a hook's warnings to: here, a list of them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+
+    def update(self, start, stop, losses) -> None:
+        pass
+
+
 def train(model, monitor: TrainingMonitor, steps: int, lr: float, seed: int = 1) -> list[str]:
-    """Hand-written SGD on random contexts whose next character follows the last one."""
+    """Hand-written SGD through the training loop, the monitor one of its hooks, on random contexts
+    whose next character follows the last one; the warnings the monitor raised."""
     g = torch.Generator().manual_seed(seed)
-    raised = []
-    for step in range(steps):
-        X = torch.randint(0, 27, (32, model.config.block_size), generator=g)
-        Y = (X[:, -1] + 1) % 27
-        _, grads = model.loss_and_grads(X, Y)
-        for k, p in model.params.items():
-            p -= lr * grads[k]
-        raised += monitor.after_step(step, grads, lr)
-    return raised
+    X = torch.randint(0, 27, (32 * steps, model.config.block_size), generator=g)  # (N, T)
+    Y = (X[:, -1] + 1) % 27  # (N,)
+    losses = torch.full((steps,), math.nan)
+    progress = Lines()
+    train_steps(model, SGD(model.params), None, X, Y, g, losses, Schedule(lr, steps), 32, 0,
+                hooks=[monitor], progress=progress)
+    return progress.lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +77,7 @@ def test_weight_stats_and_update_ratio_on_a_hand_made_case():
 
 
 def test_weights_are_the_2d_parameters_not_the_lectures_1_by_h_batchnorm_gains():
-    spec = MODELS["mlp"]
-    config = MLPConfig("mlp", 27, spec.block_size, spec.n_embd, 16)
+    config = MODELS["mlp"].config(27, n_hidden=16)
     model = build_model(config, torch.Generator().manual_seed(0))
     assert list(diagnostics.weights(model)) == ["C", "W1", "W2"]  # bngain is (1, H)
 
@@ -100,19 +112,24 @@ def test_monitor_records_only_every_n_steps():
     assert [r.step for r in monitor.records] == [0, 4, 8]
 
 
-def test_observe_records_without_changing_the_model():
+def test_the_hook_records_without_changing_the_model_or_its_gradients():
     model = deep_mlp()
     g = torch.Generator().manual_seed(3)
     X, Y = torch.randint(0, 27, (16, 3), generator=g), torch.randint(0, 27, (16,), generator=g)
-    model.loss_and_grads(X, Y)  # a step's forward moved the running statistics once
+    _, grads = model.loss_and_grads(X, Y)  # stage 1 of a step: its forward moved the running statistics once
     params = {k: v.clone() for k, v in model.params.items()}
     buffers = {k: v.clone() for k, v in model.buffers.items()}
+    given = {k: v.clone() for k, v in grads.items()}
     monitor = TrainingMonitor(model, every=2)
-    assert monitor.observe(1, X, Y, 0.1) == [] and monitor.records == []  # not due
-    monitor.observe(2, X, Y, 0.1)
+    assert monitor(1, X, Y, grads, 0.1) == [] and monitor.records == []  # not due
+    assert monitor(2, X, Y, grads, 0.1) == []  # stage 2: due, nothing to warn of yet
     assert [r.step for r in monitor.records] == [2]
     assert all(torch.equal(model.params[k], params[k]) for k in params)
     assert all(torch.equal(model.buffers[k], buffers[k]) for k in buffers)
+    assert all(torch.equal(grads[k], given[k]) for k in given)  # the update (stage 3) gets them as they were
+    record = monitor.records[0]
+    for name in diagnostics.weights(model):  # the record is of the gradients it was given
+        assert record.weights[name] == diagnostics.weight_stats(params[name], given[name])
 
 
 def test_no_warning_on_a_healthy_model():

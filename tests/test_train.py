@@ -8,11 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backprop_ninja import train
-from backprop_ninja.training.checkpoint import RunInfo
 from backprop_ninja.data import load_dataset
 from backprop_ninja.models import MODELS, MLPConfig, build_model, get_spec
-from backprop_ninja.train import EagerStepper, TrainingStopped, evaluate, lr_at, train_steps
+from backprop_ninja.optim import SGD
+from backprop_ninja.training import evaluation, loop
+from backprop_ninja.training.averaging import WeightAverage
+from backprop_ninja.training.checkpoint import RunInfo
+from backprop_ninja.training.evaluation import evaluate
+from backprop_ninja.training.fused import FastMLPStepper
+from backprop_ninja.training.loop import Schedule, TrainingStopped, VerifyHook, train_steps
+from backprop_ninja.training.signals import StopFlag
 
 WORDS = ["emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "amelia", "harper", "evelyn",
          "abigail", "emily", "elizabeth", "mila", "ella", "avery", "sofia", "camila", "aria", "scarlett"]
@@ -27,8 +32,10 @@ TRACK_ATOL = 1e-5
 EVAL_RTOL = 1e-6
 
 
-class AutogradStepper:
-    """The reference step: the same SGD update, with the gradients of torch autograd."""
+class AutogradStep:
+    """The reference step, passed as `fused=`: the same SGD update, with the gradients of torch autograd."""
+
+    name = "autograd"
 
     def __init__(self, model) -> None:
         self.model = model
@@ -38,6 +45,27 @@ class AutogradStepper:
         for name, p in self.model.params.items():
             p.add_(grads[name], alpha=-lr)
         return loss
+
+
+class ThreeStages:
+    """The readable step as a `fused=` object, for tests that inject behaviour between steps:
+    hand-written loss_and_grads, then SGD (no hooks)."""
+
+    name = "three-stages"
+
+    def __init__(self, model) -> None:
+        self.model, self.optimizer = model, SGD(model.params)
+
+    def step(self, Xb, Yb, lr):
+        loss, grads = self.model.loss_and_grads(Xb, Yb)
+        self.optimizer.step(self.model.params, grads, lr)
+        return loss
+
+
+def run(model, fused, X, Y, g, losses, info, **options):
+    """train_steps from step 0 with plain SGD and the run's recipe schedule (as training.run does)."""
+    schedule = Schedule(info.lr, int(info.decay_at * info.steps))
+    return train_steps(model, SGD(model.params), fused, X, Y, g, losses, schedule, info.batch_size, 0, **options)
 
 
 def setup(write_words, model_name="mlp", steps=240, words=WORDS, seed=7, **shape):
@@ -54,7 +82,6 @@ def setup(write_words, model_name="mlp", steps=240, words=WORDS, seed=7, **shape
     return model, g, info, losses, ds
 
 
-
 # the lecture's MLP for >= 200 steps; every other model of the registry for fewer, to stay fast
 TRACKED = [("mlp", 240)] + [(name, 60) for name in sorted(MODELS) if name != "mlp"]
 
@@ -64,8 +91,8 @@ def test_hand_written_training_tracks_autograd_training(write_words, model_name,
     mine, g_mine, info, losses_mine, ds = setup(write_words, model_name, steps=steps)
     ref, g_ref, _, losses_ref, _ = setup(write_words, model_name, steps=steps)
     X, Y = ds.train
-    train_steps(mine, EagerStepper(mine), X, Y, g_mine, losses_mine, info)
-    train_steps(ref, AutogradStepper(ref), X, Y, g_ref, losses_ref, info)
+    run(mine, None, X, Y, g_mine, losses_mine, info)  # the readable three stages
+    run(ref, AutogradStep(ref), X, Y, g_ref, losses_ref, info)
     torch.testing.assert_close(losses_mine, losses_ref, rtol=TRACK_RTOL, atol=TRACK_ATOL)
     for name in ref.params:
         torch.testing.assert_close(mine.params[name], ref.params[name], rtol=TRACK_RTOL, atol=TRACK_ATOL,
@@ -73,32 +100,59 @@ def test_hand_written_training_tracks_autograd_training(write_words, model_name,
     assert losses_mine[-10:].mean() < losses_mine[:10].mean()  # and it learned something
 
 
-def test_batches_are_drawn_from_the_initialisation_generator_as_the_lecture(write_words, monkeypatch):
-    monkeypatch.setattr(train, "SYNC_EVERY", 10)  # chunks of 10, 10 and 5 steps, each drawn in one call
+class Every:
+    """A hook due every `every` steps that does nothing: what next_checked and the loop look at."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def __call__(self, step, Xb, Yb, grads, lr):
+        return []
+
+
+class RecordBatches(Every):
+    """A hook on every step that keeps the batch it was given."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.drawn = []
+
+    def __call__(self, step, Xb, Yb, grads, lr):
+        self.drawn.append((Xb.clone(), Yb.clone()))
+        return []
+
+
+@pytest.mark.parametrize("path", ["readable", "fused"])
+def test_batches_are_drawn_from_the_initialisation_generator_as_the_lecture(write_words, monkeypatch, path):
+    monkeypatch.setattr(loop, "SYNC_EVERY", 10)  # chunks of 10, 10 and 5 steps, each drawn in one call
     model, g, info, losses, ds = setup(write_words, steps=25)
     X, Y = ds.train
     g_lecture = torch.Generator().set_state(g.get_state())
-    drawn = []
-    stepper = EagerStepper(model)
+    recorder = RecordBatches()
+    if path == "readable":  # the hook sees every step's batch
+        run(model, None, X, Y, g, losses, info, hooks=[recorder])
+    else:
+        stepper = ThreeStages(model)
 
-    class Recording:
-        def step(self, Xb, Yb, lr):
-            drawn.append((Xb.clone(), Yb.clone()))
-            return stepper.step(Xb, Yb, lr)
+        class Recording:
+            def step(self, Xb, Yb, lr):
+                recorder(None, Xb, Yb, None, lr)
+                return stepper.step(Xb, Yb, lr)
 
-    train_steps(model, Recording(), X, Y, g, losses, info)
-    for Xb, Yb in drawn:
+        run(model, Recording(), X, Y, g, losses, info)
+    assert len(recorder.drawn) == 25
+    for Xb, Yb in recorder.drawn:
         ix = torch.randint(0, X.shape[0], (info.batch_size,), generator=g_lecture)  # the lecture's line
         assert torch.equal(Xb, X[ix]) and torch.equal(Yb, Y[ix])
     assert torch.equal(g.get_state(), g_lecture.get_state())
 
 
 def test_a_stop_inside_a_chunk_leaves_the_generator_where_the_steps_done_leave_it(write_words, monkeypatch):
-    monkeypatch.setattr(train, "SYNC_EVERY", 10)
+    monkeypatch.setattr(loop, "SYNC_EVERY", 10)
     model, g, info, losses, ds = setup(write_words, steps=25)
     X, Y = ds.train
     g_lecture = torch.Generator().set_state(g.get_state())
-    stepper, stop = EagerStepper(model), train.StopFlag()
+    stepper, stop = ThreeStages(model), StopFlag()
 
     class CtrlCAtStep13:
         calls = 0
@@ -108,7 +162,7 @@ def test_a_stop_inside_a_chunk_leaves_the_generator_where_the_steps_done_leave_i
             stop.requested = self.calls == 13  # as the SIGINT handler: stop after this step
             return stepper.step(Xb, Yb, lr)
 
-    assert train_steps(model, CtrlCAtStep13(), X, Y, g, losses, info, stop=stop) == 13
+    assert run(model, CtrlCAtStep13(), X, Y, g, losses, info, stop=stop) == 13
     for _ in range(13):  # the lecture's draws of the 13 steps done, the 7 drawn ahead not counted
         torch.randint(0, X.shape[0], (info.batch_size,), generator=g_lecture)
     assert torch.equal(g.get_state(), g_lecture.get_state())  # a resumed run draws the very next batch
@@ -116,26 +170,26 @@ def test_a_stop_inside_a_chunk_leaves_the_generator_where_the_steps_done_leave_i
 
 
 def test_next_checked_is_the_first_verified_or_diagnosed_step_of_the_chunk():
-    class Monitor:
-        every = 1000
-
-    assert train.next_checked(100, 200, None, None) == 200  # nothing checked: the chunk's end
-    assert train.next_checked(100, 200, 7, None) == 105
-    assert train.next_checked(105, 200, 7, None) == 105  # a checked step is its own next
-    assert train.next_checked(101, 105, 7, None) == 105
-    assert train.next_checked(0, 100, 7, Monitor()) == 0 and train.next_checked(900, 1001, None, Monitor()) == 1000
-    assert train.next_checked(1001, 2000, None, Monitor()) == 2000
+    verify, monitor = Every(7), Every(1000)
+    assert loop.next_checked(100, 200, []) == 200  # nothing checked: the chunk's end
+    assert loop.next_checked(100, 200, [verify]) == 105
+    assert loop.next_checked(105, 200, [verify]) == 105  # a checked step is its own next
+    assert loop.next_checked(101, 105, [verify]) == 105
+    assert loop.next_checked(0, 100, [verify, monitor]) == 0
+    assert loop.next_checked(900, 1001, [monitor]) == 1000
+    assert loop.next_checked(990, 1001, [monitor, verify]) == 994  # the earlier of the two
+    assert loop.next_checked(1001, 2000, [monitor]) == 2000
 
 
 def test_weight_average_is_the_mean_of_the_snapshots_from_its_first_step():
     params = {"W": torch.zeros(2, 3), "b": torch.zeros(3)}
-    average = train.WeightAverage(first=200)
+    average = WeightAverage(first=200)
     snapshots = []
     for step in range(100, 601, 50):  # snapshots at the multiples of SYNC_EVERY from 200 on
         for p in params.values():
             p.normal_()
         average.observe(step, params)
-        if step >= 200 and step % train.SYNC_EVERY == 0:
+        if step >= 200 and step % loop.SYNC_EVERY == 0:
             snapshots.append({k: p.clone() for k, p in params.items()})
     assert average.count == len(snapshots) == 5
     for name in params:
@@ -146,18 +200,21 @@ def test_weight_average_is_the_mean_of_the_snapshots_from_its_first_step():
 
 
 def test_learning_rate_drops_tenfold_at_the_recipe_point():
-    info = RunInfo(config=MLPConfig(), chars=("a",), input=None, input_sha256="", max_word_len=1, seed=0,
-                   batch_size=32, lr=0.1, decay_at=0.5, steps=200_000, step=0, calibrated=False)
-    assert lr_at(0, info) == lr_at(99_999, info) == 0.1  # `lr = 0.1 if i < 100000 else 0.01`
-    assert lr_at(100_000, info) == lr_at(199_999, info) == 0.1 / 10
+    spec = get_spec("mlp")  # decay_at 0.5 of 200_000 steps, as training.run builds the schedule
+    schedule = Schedule(0.1, int(spec.decay_at * spec.steps))
+    assert schedule.at(0) == schedule.at(99_999) == 0.1  # `lr = 0.1 if i < 100000 else 0.01`
+    assert schedule.at(100_000) == schedule.at(199_999) == 0.1 / 10
 
 
-def test_verify_every_leaves_training_bit_exact(write_words):
+@pytest.mark.parametrize("path", ["readable", "fused"])
+def test_verify_every_leaves_training_bit_exact(write_words, path):
     plain, g_plain, info, losses_plain, ds = setup(write_words, steps=30)
     verified, g_verified, _, losses_verified, _ = setup(write_words, steps=30)
     X, Y = ds.train
-    train_steps(plain, EagerStepper(plain), X, Y, g_plain, losses_plain, info)
-    train_steps(verified, EagerStepper(verified), X, Y, g_verified, losses_verified, info, verify_every=1)
+    fused = (lambda model: None) if path == "readable" else (lambda model: FastMLPStepper(model, info.batch_size))
+    run(plain, fused(plain), X, Y, g_plain, losses_plain, info)
+    run(verified, fused(verified), X, Y, g_verified, losses_verified, info, hooks=[VerifyHook(verified, 1)])
+    assert losses_plain.isfinite().all()
     assert torch.equal(losses_plain, losses_verified)
     for name, p in plain.params.items():
         assert torch.equal(p, verified.params[name]), name
@@ -176,15 +233,49 @@ def test_verify_every_names_the_first_parameter_that_disagrees(write_words, brok
 
     model.loss_and_grads = stale
     X, Y = ds.train
-    with pytest.raises(TrainingStopped, match=rf"at step 0: d{broken[0]} disagrees .*maxdiff") as err:
-        train_steps(model, EagerStepper(model), X, Y, g, losses, info, verify_every=10,
-                    save=lambda step: None)
+    expected = rf"at step 0: d{broken[0]} disagrees with autograd: it is off by [0-9.e+-]+, more than rounding"
+    with pytest.raises(TrainingStopped, match=expected) as err:
+        run(model, None, X, Y, g, losses, info, hooks=[VerifyHook(model, 10)], save=lambda step: None)
     assert "\n" not in str(err.value)
 
 
-def test_a_non_finite_loss_stops_training_naming_its_step(write_words):
+def test_the_readable_step_runs_its_hooks_between_backward_and_update(write_words):
+    model, g, info, losses, ds = setup(write_words, steps=12)
+    X, Y = ds.train
+    events = []  # (stage, step or None, gradients, parameters at that moment), all copies
+
+    def copies(tensors):
+        return {k: t.clone() for k, t in tensors.items()}
+
+    class RecordingHook(Every):
+        def __call__(self, step, Xb, Yb, grads, lr):
+            events.append(("hook", step, copies(grads), copies(model.params)))
+            return []
+
+    class RecordingSGD(SGD):
+        def step(self, params, grads, lr):
+            events.append(("update", None, copies(grads), copies(params)))
+            super().step(params, grads, lr)
+
+    schedule = Schedule(info.lr, int(info.decay_at * info.steps))
+    train_steps(model, RecordingSGD(model.params), None, X, Y, g, losses, schedule, info.batch_size, 0,
+                hooks=[RecordingHook(3)])
+    assert [(stage, step) for stage, step, _, _ in events] == [
+        pair for s in range(12) for pair in ([("hook", s)] if s % 3 == 0 else []) + [("update", None)]
+    ]  # the hook on its due steps, always before that step's update
+    for (_, step, hook_grads, hook_params), (_, _, applied, params_before) in zip(events, events[1:]):
+        if step is None:
+            continue
+        assert hook_grads.keys() == applied.keys() == model.params.keys()
+        for name in applied:  # what the hook was given is what the update then applies ...
+            assert torch.equal(hook_grads[name], applied[name]), (step, name)
+            assert hook_grads[name].abs().sum() > 0, (step, name)  # ... and is a real gradient
+            assert torch.equal(hook_params[name], params_before[name]), (step, name)  # nothing updated yet
+
+
+def test_a_non_finite_loss_stops_training_naming_its_step(write_words, monkeypatch):
     model, g, info, losses, ds = setup(write_words, steps=300)
-    stepper = EagerStepper(model)
+    stepper = ThreeStages(model)
     saved = []
 
     class Diverging:
@@ -197,12 +288,9 @@ def test_a_non_finite_loss_stops_training_naming_its_step(write_words):
             return stepper.step(Xb, Yb, lr)
 
     X, Y = ds.train
-    train.SAVE_EVERY, saved_every = 100, train.SAVE_EVERY
-    try:
-        with pytest.raises(TrainingStopped, match=r"the loss is nan at step 137"):
-            train_steps(model, Diverging(), X, Y, g, losses, info, save=saved.append)
-    finally:
-        train.SAVE_EVERY = saved_every
+    monkeypatch.setattr(loop, "SAVE_EVERY", 100)
+    with pytest.raises(TrainingStopped, match=r"the loss is nan at step 137"):
+        run(model, Diverging(), X, Y, g, losses, info, save=saved.append)
     assert saved == [100]  # the checkpoint of step 100 was written; nothing after the NaN
 
 
@@ -217,7 +305,7 @@ def test_evaluate_reports_an_empty_split_as_none(write_words):
 def test_evaluate_in_chunks_equals_one_pass(write_words, monkeypatch):
     model, _, _, _, ds = setup(write_words)
     whole = evaluate(model, ds)
-    monkeypatch.setattr(train, "EVAL_CHUNK", 7)
+    monkeypatch.setattr(evaluation, "EVAL_CHUNK", 7)
     chunked = evaluate(model, ds)
     for split in whole:  # float32 per-row losses, summed in float64: only the summation order differs
         assert chunked[split] == pytest.approx(whole[split], rel=1e-6)

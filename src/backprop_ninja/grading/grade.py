@@ -31,7 +31,9 @@ from backprop_ninja.errors import UserError
 from backprop_ninja.grading import diagnoses
 from backprop_ninja.grading.isolation import DEFAULT_TIMEOUT_S, Outcome, run_solution
 from backprop_ninja.grading.results import FROM_PYTHON, ExerciseResult, GradedRow, GradeResult, SolutionError
-from backprop_ninja.grading.solution import Foreign, Returned, as_returned, call_exercise, lecture_inputs, solution_error
+from backprop_ninja.grading.solution import (
+    Foreign, Returned, as_returned, call_exercise, lecture_inputs, solution_error,
+)
 from backprop_ninja.lecture import network
 from backprop_ninja.lecture.exercises import EXERCISES, FUNCTION_NAMES, Exercise
 from backprop_ninja.lecture.fixture import LECTURE_BATCH, LECTURE_HIDDEN, LectureSetup, lecture_setup

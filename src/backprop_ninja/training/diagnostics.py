@@ -150,7 +150,7 @@ class TrainingMonitor:
         return step % self.every == 0
 
     def after_step(self, step: int, grads: dict[str, Tensor], lr: float) -> list[str]:
-        """Call after each step's update; returns the warnings raised at this step (usually none)."""
+        """Call with each step's gradients, before its update; returns the warnings raised at this step (usually none)."""
         if not self.due(step):
             return []
         self.records.append(record(self.model, step, grads, lr))
