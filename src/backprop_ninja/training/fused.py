@@ -36,6 +36,7 @@ from torch import Tensor
 from backprop_ninja.models import Model
 from backprop_ninja.threads import threads_for, torch_threads
 
+
 class FastMLPStepper:
     """Forward, hand-written backward and SGD update of the lecture MLP, in place on the model."""
 
