@@ -10,6 +10,7 @@ conventions (dimension letters, the gradient policy, the weight layout, BatchNor
 Bessel's correction) are stated once, in backprop_ninja.conventions.
 
 One module per family: embedding, shape (flatten), linear, activations, batchnorm, loss.
+For the sequence models: gates (sigmoid), sequence_loss, causal (bag of words), recurrent (RNN, GRU).
 """
 
 from backprop_ninja.conventions import BATCHNORM_EPS
@@ -21,6 +22,15 @@ from backprop_ninja.ops.embedding import EmbeddingCache, embedding_backward, emb
 from backprop_ninja.ops.linear import LinearCache, linear_backward, linear_forward
 from backprop_ninja.ops.loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from backprop_ninja.ops.shape import FlattenCache, flatten_consecutive_backward, flatten_consecutive_forward
+from backprop_ninja.ops.causal import CausalBoWCache, causal_bow_backward, causal_bow_forward
+from backprop_ninja.ops.gates import SigmoidCache, sigmoid_backward, sigmoid_forward
+from backprop_ninja.ops.recurrent import (
+    GRUCache, GRUStepCache, RNNCache, RNNStepCache, gru_backward, gru_forward, gru_step_backward, gru_step_forward,
+    rnn_backward, rnn_forward, rnn_step_backward, rnn_step_forward,
+)
+from backprop_ninja.ops.sequence_loss import (
+    IGNORE_INDEX, SequenceCrossEntropyCache, sequence_cross_entropy_backward, sequence_cross_entropy_forward,
+)
 
 __all__ = [
     "BATCHNORM_EPS", "BatchNormCache", "BatchStats", "CrossEntropyCache", "EmbeddingCache", "FlattenCache",
@@ -28,4 +38,9 @@ __all__ = [
     "cross_entropy_backward", "cross_entropy_forward", "embedding_backward", "embedding_forward",
     "flatten_consecutive_backward", "flatten_consecutive_forward", "linear_backward", "linear_forward",
     "one_minus_square", "tanh_backward", "tanh_forward",
+    "CausalBoWCache", "GRUCache", "GRUStepCache", "IGNORE_INDEX", "RNNCache", "RNNStepCache",
+    "SequenceCrossEntropyCache", "SigmoidCache", "causal_bow_backward", "causal_bow_forward",
+    "gru_backward", "gru_forward", "gru_step_backward", "gru_step_forward",
+    "rnn_backward", "rnn_forward", "rnn_step_backward", "rnn_step_forward",
+    "sequence_cross_entropy_backward", "sequence_cross_entropy_forward", "sigmoid_backward", "sigmoid_forward",
 ]

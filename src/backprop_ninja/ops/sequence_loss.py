@@ -1,0 +1,65 @@
+"""Cross-entropy over every position of a sequence, with ignored (padding) targets.
+
+Conventions: backprop_ninja.conventions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch.nn.functional as F
+from torch import Tensor
+
+# sequence cross-entropy, as makemore:
+#     loss = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)
+# the mean of -log softmax(logits[b, t])[Y[b, t]] over the n predicted positions, Y[b, t] != -1.
+# makemore pads each word's targets with -1 after its end token: the padding predicts nothing.
+
+IGNORE_INDEX = -1
+
+
+class SequenceCrossEntropyCache(NamedTuple):
+    probs: Tensor  # (B, T, V) softmax of the logits
+    targets: Tensor  # (B, T) int64 correct classes, IGNORE_INDEX where ignored
+    predicted: Tensor  # (B, T) bool, True where the target is not ignored
+    count: int  # n, how many characters were predicted: the mean's denominator
+
+
+def sequence_cross_entropy_forward(logits: Tensor, targets: Tensor) -> tuple[Tensor, SequenceCrossEntropyCache]:
+    """logits (B, T, V), targets (B, T) int64 with -1 where ignored -> the mean loss () and the cache.
+
+    Raises ValueError when no character is predicted (every target -1): a mean over no term is
+    undefined, and F.cross_entropy would return nan.
+    """
+    if logits.ndim != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"sequence cross-entropy takes (B, T, V) logits and (B, T) targets, "
+                         f"got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    vocab_size = logits.shape[-1]
+    if ((targets < IGNORE_INDEX) | (targets >= vocab_size)).any():
+        raise ValueError(f"targets must be classes in [0, {vocab_size}) or {IGNORE_INDEX} (ignored)")
+    predicted = targets != IGNORE_INDEX  # (B, T) bool
+    count = int(predicted.sum())
+    if count == 0:
+        raise ValueError(f"no predicted character: every target is {IGNORE_INDEX} (ignored), "
+                         f"so the mean loss over the predicted characters is undefined")
+    loss = F.cross_entropy(logits.view(-1, vocab_size), targets.view(-1), ignore_index=IGNORE_INDEX)  # ()
+    probs = F.softmax(logits, dim=-1)  # (B, T, V)
+    return loss, SequenceCrossEntropyCache(probs, targets, predicted, count)
+
+
+def sequence_cross_entropy_backward(cache: SequenceCrossEntropyCache) -> Tensor:
+    """Returns dlogits (the loss is the end of the graph: dloss = 1).
+
+    In the forward pass this was:
+        loss = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)
+    that is loss = -sum over predicted (b, t) of log(softmax(logits[b, t])[Y[b, t]]) / n. A predicted
+    position gets the row of cross_entropy_backward, softmax(logits) - one_hot(Y), divided by n (the
+    predicted characters, not B*T); an ignored one is in no term of the sum and gets exactly 0.
+    """
+    probs, targets, predicted, count = cache
+    dlogits = probs.clone()  # (B, T, V)
+    b, t = predicted.nonzero(as_tuple=True)  # (n,), (n,) the predicted positions
+    dlogits[b, t, targets[b, t]] -= 1
+    dlogits /= count
+    dlogits[~predicted] = 0  # ignored positions: no term of the loss reads them
+    return dlogits
