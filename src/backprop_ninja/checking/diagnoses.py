@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from backprop_ninja.checking.verdict import close, gradient_scale, rounding_bound
+from backprop_ninja.checking.verdict import close, gradient_scale, rounding_bound, squeezed
 
 # A fitted factor k, and the coefficients of a two-term fit, are good to the rounding of the
 # tensors they are fitted on; a named factor matches when k is within this many times that bound.
@@ -127,4 +127,107 @@ def partial_note(name: str, values: Tensor, ref: Tensor) -> str | None:
             shown = ", ".join(map(str, which[:8])) + (", ..." if len(which) > 8 else "")
             state = "zero" if zeroed else "wrong"
             return f"d{name} is right but for {len(which)} of its {wrong.numel()} {label} ({shown}), which are {state}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# for check_backward: an op the checker knows nothing of but its tensors' shapes
+
+
+def dimension_factors(sizes: dict[int, list[str]]) -> list[Factor]:
+    """size_factors, sqrt(d) and 1/sqrt(d) for every size in a check's shapes, each said with where
+    it is: sizes maps a size to the places it occurs, e.g. {32: ["dim 0 of x"], 8: ["dim 1 of q"]}."""
+    factors = []
+    for n, places in sorted(sizes.items()):
+        if n < 2:
+            continue
+        where = f" (n = {n}: {', '.join(places)})"
+        factors += [Factor(value, why + where) for value, why in size_factors(n)]
+        root = math.sqrt(n)
+        factors += [
+            Factor(root, f"sqrt(d) = {root:.4g} times too large, d = {n} ({', '.join(places)}): a missing 1/sqrt(d)"),
+            Factor(1 / root, f"sqrt(d) = {root:.4g} times too small, d = {n} ({', '.join(places)}): a 1/sqrt(d) "
+                             "too many"),
+        ]
+    return factors + TWO
+
+
+def missing_term_note(name: str, values: Tensor, ref: Tensor, term: Tensor, term_name: str) -> str | None:
+    """The right gradient less c * term: a branch of the forward pass left out of the backward."""
+    if term.shape != ref.shape or not term.any():
+        return None
+    k = fit_factor(ref - values, term)
+    if k is None or k == 0:
+        return None
+    times = "" if math.isclose(k, 1, rel_tol=1e-6) else f"{k:.6g} * "
+    return (f"d{name} lacks the term {times}{term_name}: a branch where {name} reaches the output directly "
+            "(a skip or residual connection, a second use of it) is missing from the backward pass")
+
+
+def reduced_elsewhere_note(name: str, values: Tensor, ref: Tensor, upstream: Tensor, out: str = "out") -> str | None:
+    """A broadcast parameter's gradient summed over the wrong dimensions of the upstream gradient:
+    values = dout.sum(every dim but one) where ref keeps another dim (a bias at a square shape)."""
+    if upstream.dim() < 2:
+        return None
+
+    def kept_by(t: Tensor) -> int | None:  # the dim that t is the upstream gradient summed onto
+        for dim in range(upstream.dim()):
+            summed = upstream.sum(tuple(d for d in range(upstream.dim()) if d != dim)).to(t.dtype)  # (size,)
+            if summed.numel() == t.numel() and close(t.reshape(summed.shape), summed):
+                return dim
+        return None
+
+    right, kept = kept_by(ref), kept_by(values)
+    if right is None or kept is None or right == kept:
+        return None
+    others = tuple(d for d in range(upstream.dim()) if d != right)
+    return (f"d{name} is d{out} summed onto its dim {kept}, where {name} is broadcast along every dim of {out} "
+            f"but {right}: a sum over the wrong dimension (d{out}.sum({others[0] if len(others) == 1 else others}) "
+            "is right)")
+
+
+def wrong_shape_note(name: str, shape: tuple[int, ...], right: tuple[int, ...],
+                     known: dict[str, tuple[int, ...]]) -> str | None:
+    """A gradient with the size of another dimension of a tensor of the check than its own: the sum
+    (or mean) that makes it kept the wrong dimension."""
+    mine, want = squeezed(shape), squeezed(right)
+    if len(mine) != 1 or len(want) != 1 or mine == want:
+        return None
+    for other, full in known.items():
+        if mine[0] in full and want[0] in full:
+            return (f"d{name} has shape {tuple(shape)}, the size of dim {full.index(mine[0])} of {other} "
+                    f"{tuple(full)}, where {name} {tuple(right)} runs along its dim {full.index(want[0])}: "
+                    "a sum over the wrong dimension")
+    return None
+
+
+def repeated_rows_note(name: str, wrong_rows: list[int], indices: dict[str, Tensor]) -> str | None:
+    """Rows of a lookup table wrong exactly where an index occurs more than once: `=` where `+=`
+    (index_add_, np.add.at) is needed."""
+    for index_name, idx in indices.items():
+        values, counts = idx.reshape(-1).unique(return_counts=True)
+        repeated = set(values[counts > 1].tolist())
+        if repeated and set(wrong_rows) <= repeated:
+            return (f"d{name} is wrong in the rows that {index_name} looks up more than once ({len(wrong_rows)} of "
+                    f"the {len(repeated)} repeated): repeated indices must add up, dW.index_add_(0, idx, dout) or "
+                    "np.add.at, not dW[idx] = dout")
+    return None
+
+
+def centred_term_note(name: str, values: Tensor, ref: Tensor, x: Tensor, x_name: str) -> str | None:
+    """The error is, along one dimension of x, a multiple of x - x.mean(dim): the term through a mean
+    or variance over that dimension is off, e.g. a 1/n where the forward divides by n-1."""
+    if x.shape != ref.shape or x.dim() < 2:
+        return None
+    error = (values.double() - ref.double())  # same shape as x
+    bound = FIT_SLACK * rounding_bound(values.dtype, gradient_scale(ref))
+    for dim in (0, x.dim() - 1):
+        centred = x.double() - x.double().mean(dim, keepdim=True)
+        a = (error * centred).sum(dim, keepdim=True) / (centred * centred).sum(dim, keepdim=True)
+        if float((error - a * centred).abs().max()) <= bound:
+            n = x.shape[dim]
+            relative = float(error.abs().max()) / max(gradient_scale(ref), 1e-300)
+            return (f"d{name} is off by a multiple of {x_name} - {x_name}.mean({dim}) along dim {dim} ({relative:.2g} of "
+                    f"its size): the term through a mean or variance over dim {dim} is off; with n = {n}, a 1/n "
+                    "where the forward pass divides by n-1 (Bessel's correction), or the reverse, leaves this")
     return None

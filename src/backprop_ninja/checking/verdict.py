@@ -179,3 +179,29 @@ FD_RTOL = 1e-3
 
 def within_finite_difference(analytical: Tensor, numerical: Tensor) -> bool:
     return bool(torch.allclose(analytical, numerical, rtol=FD_RTOL, atol=FD_ATOL))
+
+
+# ---------------------------------------------------------------------------------------------
+# a gradient of a lower precision against a float64 truth (check_backward)
+
+# Central differences of each output (an output that does not depend on the nudged entry changes by
+# exactly 0), projected on the upstream gradient, in float64 with step FD_EPS: measured 1e-11..1e-9 of
+# the gradient's scale on the checker's corpus. A truth of finite differences is trusted to 1e-6 of
+# the scale: 1000 times its error, and 1000 times below a Bessel slip n/(n-1) at n = 1000.
+FD_TRUTH_RTOL = 1e-6
+
+
+def judge_float64_truth(mine, truth: Tensor, dtype: torch.dtype, scale: float,
+                        finite_differences: bool = False) -> Judgement:
+    """judge() of a gradient that should be of `dtype` against a truth computed in float64: the truth
+    rounded to `dtype`, held to dtype's rounding bound, or to the error of finite differences
+    (FD_TRUTH_RTOL of the scale) where the truth is made of them and that is the larger."""
+    judgement = judge(mine, truth.to(dtype), scale)
+    truth_error = FD_TRUTH_RTOL * scale if finite_differences else 0.0
+    if judgement.right or math.isnan(judgement.maxdiff) or truth_error <= judgement.bound:
+        return judgement
+    maxdiff = float((mine.detach().reshape(truth.shape).double() - truth).abs().max())
+    if maxdiff > truth_error:
+        return Judgement(False, f"is off by {maxdiff:.3g}, more than finite differences explain ({truth_error:.2g})",
+                         maxdiff, truth_error, judgement.reshaped)
+    return Judgement(True, None, maxdiff, truth_error, judgement.reshaped)

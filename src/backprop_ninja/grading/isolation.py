@@ -10,18 +10,13 @@ child then goes on with the exercises after it.
 from __future__ import annotations
 
 import json
-import os
-import selectors
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from backprop_ninja.apart import Child, ChildDied, ChildTimedOut
 from backprop_ninja.errors import UserError
 from backprop_ninja.grading.results import SolutionError
 from backprop_ninja.grading.solution import Foreign, Returned
@@ -50,7 +45,7 @@ def run_solution(solution: Path, functions: list[str], inputs: dict[str, dict[st
         defined: list[str] | None = None
         todo = list(functions)
         while todo:
-            defined_now, done, stopped_at = _run_child(job_dir, solution, todo, list(inputs), timeout, outcomes)
+            defined_now, stopped_at = _run_child(job_dir, solution, todo, list(inputs), timeout, outcomes)
             defined = defined if defined is not None else defined_now
             if stopped_at is None:
                 break
@@ -59,75 +54,43 @@ def run_solution(solution: Path, functions: list[str], inputs: dict[str, dict[st
 
 
 def _run_child(job_dir: Path, solution: Path, functions: list[str], dtypes: list[str], timeout: float,
-               outcomes: dict) -> tuple[list[str] | None, bool, str | None]:
-    """One child process over `functions`; returns (functions defined, finished, function it stopped in)."""
+               outcomes: dict) -> tuple[list[str] | None, str | None]:
+    """One child process over `functions`; returns (functions defined, the function it stopped in or None)."""
     (job_dir / JOB_FILE).write_text(json.dumps({"solution": str(solution), "functions": functions,
                                                 "dtypes": dtypes}))
-    read_fd, write_fd = os.pipe()
-    stderr_path = job_dir / "stderr.txt"
-    with open(stderr_path, "wb") as stderr:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "backprop_ninja.grading.worker", str(job_dir), str(write_fd)],
-            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-            start_new_session=True,  # its own process group: a time limit ends the learner's children too
-        )
-    os.close(write_fd)
     defined: list[str] | None = None
     current: tuple[str, str] | None = None  # the call running now
-    phase = "starting"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    buffer = b""
-    try:
-        with selectors.DefaultSelector() as sel:
-            sel.register(read_fd, selectors.EVENT_READ)
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    _kill(child)
-                    limit = f"did not finish within {timeout:g} s (--timeout)"
-                    if current is None:
-                        what = "running the file" if phase == "loading" else "starting the grader's child process"
-                        raise UserError(f"{solution}: {what} {limit}")
-                    outcomes[current] = SolutionError("TimeoutError", f"{current[0]} {limit}")
-                    return defined, False, current[0]
-                chunk = os.read(read_fd, 65536)
-                if not chunk:  # the child's end closed: it exited, or died
-                    break
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    message = json.loads(line)
-                    event = message["event"]
-                    if event == "loading":
-                        phase, deadline = "loading", time.monotonic() + timeout
-                    elif event == "load_refused":
-                        raise UserError(message["message"])
-                    elif event == "loaded":
-                        defined = message["functions"]
-                    elif event == "start":
-                        current = (message["function"], message["dtype"])
-                        deadline = time.monotonic() + timeout
-                    elif event == "done":
-                        outcomes[current] = _restore(message["meta"], job_dir / output_file(*current))
-                        current = None
-                    elif event == "raised":
-                        outcomes[current] = SolutionError(**message["error"])
-                        current = None
-                    elif event == "end":
-                        child.wait()
-                        return defined, True, None
-    finally:
-        os.close(read_fd)
-        if child.poll() is None:
-            _kill(child)
-    code = child.wait()
-    why = _exit_reason(code, stderr_path)
-    if current is None:
-        if phase == "loading":
-            raise UserError(f"{solution}: running the file {why}")
-        raise UserError(f"{solution}: the grader's child process {why}")
-    outcomes[current] = SolutionError("Crash", f"{current[0]} {why}")
-    return defined, False, current[0]
+    loading = False
+    limit = f"did not finish within {timeout:g} s (--timeout)"
+    with Child("backprop_ninja.grading.worker", job_dir, STARTUP_TIMEOUT_S) as child:
+        try:
+            for message in child.messages():
+                event = message["event"]
+                if event == "loading":
+                    loading = True
+                    child.allow(timeout)
+                elif event == "load_refused":
+                    raise UserError(message["message"])
+                elif event == "loaded":
+                    defined, loading = message["functions"], False
+                elif event == "start":
+                    current = (message["function"], message["dtype"])
+                    child.allow(timeout)
+                elif event == "done":
+                    outcomes[current] = _restore(message["meta"], job_dir / output_file(*current))
+                    current = None
+                elif event == "raised":
+                    outcomes[current] = SolutionError(**message["error"])
+                    current = None
+            return defined, None
+        except (ChildTimedOut, ChildDied) as stopped:
+            why = limit if isinstance(stopped, ChildTimedOut) else str(stopped)
+            if current is None:
+                what = "running the file" if loading else "the grader's child process"
+                raise UserError(f"{solution}: {what} {why}") from None
+            kind = "TimeoutError" if isinstance(stopped, ChildTimedOut) else "Crash"
+            outcomes[current] = SolutionError(kind, f"{current[0]} {why}")
+            return defined, current[0]
 
 
 def _restore(meta: dict, path: Path) -> Returned:
@@ -143,25 +106,3 @@ def _restore(meta: dict, path: Path) -> Returned:
         else:
             values[key] = Foreign(entry["type"])
     return Returned(meta["kind"], values, storages, tuple(meta["odd_keys"]))
-
-
-def _exit_reason(code: int, stderr_path: Path) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        what = {"SIGSEGV": "a segmentation fault", "SIGKILL": "SIGKILL (out of memory?)",
-                "SIGABRT": "an abort"}.get(name, name)
-        return f"crashed: the process was killed by {what}"
-    last = [line for line in stderr_path.read_text(errors="replace").splitlines() if line.strip()]
-    tail = f" ({last[-1].strip()[:200]})" if last else ""
-    return f"ended the process with exit status {code} (os._exit or a crash){tail}"
-
-
-def _kill(child: subprocess.Popen) -> None:
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    child.wait()

@@ -16,10 +16,11 @@ process; the verdict is the parent's.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from backprop_ninja.apart import status_channel
 
 JOB_FILE = "job.json"
 INPUTS_FILE = "inputs.safetensors"
@@ -60,10 +61,7 @@ def describe(returned, path: Path) -> dict[str, Any]:
 
 
 def main(job_dir: str, status_fd: int) -> None:
-    status = os.fdopen(status_fd, "w", buffering=1)
-
-    def send(**message) -> None:
-        status.write(json.dumps(message) + "\n")
+    send = status_channel(status_fd)
 
     import torch  # noqa: F401  (before any learner code)
     from safetensors.torch import load_file
