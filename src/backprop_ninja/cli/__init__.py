@@ -105,8 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compare with float64 central finite differences")
     g.add_argument("--solution", metavar="FILE",
                    help="grade your own backward pass in FILE (see `backprop-ninja exercise`)")
+    g.add_argument("--function", metavar="FILE:NAME",
+                   help="check your own op NAME in FILE (a Function, or NAME_forward/NAME_backward, and make_inputs)")
     g.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
                    help="time limit in seconds for each call of your code, and for running FILE (default: 60)")
+    g.add_argument("--notebook", nargs="+", metavar="NB",
+                   help="grade your own notebook(s): every cell in a fresh Jupyter kernel, each gradient against autograd")
+    g.add_argument("--data", metavar="FILE", help="--notebook: the names data set (default: $BACKPROP_NINJA_DATA, "
+                   "else the package's own copy)")
+    g.add_argument("--json", action="store_true", help="--notebook: one JSON record per notebook")
+    g.add_argument("--exercises", default="1,2,3,4", metavar="1,2,3,4", help="--notebook: the exercises to grade")
 
     # exercise -----------------------------------------------------------------------------
     p = sub.add_parser("exercise", help="write a starter solution file to grade with check --solution")

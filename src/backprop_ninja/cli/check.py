@@ -16,6 +16,14 @@ from backprop_ninja.models import get_spec
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.function:
+        from backprop_ninja.cli.function import run as run_function
+
+        return run_function(args)
+    if args.notebook:
+        from backprop_ninja.cli.notebook import run as run_notebooks
+
+        return run_notebooks(args)
     if args.solution:
         return run_solution(args)
     if args.model != "mlp":

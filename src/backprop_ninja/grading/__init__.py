@@ -7,4 +7,9 @@
     diagnoses.py   why the first wrong gradient is wrong
     results.py     GradeResult and its report
     starter.py     the starter file of `backprop-ninja exercise`
+    notebook.py    grade_notebook(): a learner's own notebook, run top to bottom in a fresh Jupyter kernel
+    notebook_source.py   reading the notebook first: exercises, cmp, offline and data-path changes
+    notebook_kernel.py   the recorder inside that kernel (cmp calls, d<name> variables, the training loop)
+    notebook_results.py  NotebookResult and its report
+    notebook_cmp.py      `from backprop_ninja import cmp` and report(), in the learner's own kernel
 """
