@@ -6,6 +6,7 @@ Its training step is tested against the eager step in test_fast.py, with the fus
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
@@ -132,3 +133,35 @@ def test_the_c_step_refuses_contexts_that_do_not_fit_its_block_size():
     stepper = kernel.make_kernel_stepper(lecture_mlp(), 5)
     with pytest.raises(ValueError, match="block size 3"):
         stepper.step(torch.zeros(5, 4, dtype=torch.long), torch.zeros(5, dtype=torch.long), 0.1)
+
+
+@needs_kernel
+def test_the_c_step_refuses_fewer_learning_rates_than_batches():
+    """steps() used to read past the end of the learning rates: steps 2-12 silently did nothing."""
+    model = lecture_mlp()
+    before = {name: p.clone() for name, p in model.params.items()}
+    stepper = kernel.make_kernel_stepper(model, 5)
+    Xs, Ys = torch.zeros(12, 5, 3, dtype=torch.long), torch.zeros(12, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="1 learning rates for 12 batches"):
+        stepper.steps(Xs, Ys, [0.1])
+    for name, p in model.params.items():
+        assert torch.equal(p, before[name]), name  # refused before any step
+
+
+@needs_kernel
+@pytest.mark.parametrize("replace", [
+    lambda model: model.params.__setitem__("W2", model.params["W2"].clone()),  # another tensor in the dict
+    lambda model: setattr(model.params["W2"], "data", model.params["W2"].data.clone()),  # new storage, same tensor
+])
+def test_the_c_step_refuses_a_parameter_replaced_after_it_was_built(replace):
+    model = lecture_mlp()
+    stepper = kernel.make_kernel_stepper(model, 5)
+    X, Y = torch.zeros(5, 3, dtype=torch.long), torch.zeros(5, dtype=torch.long)
+    assert torch.isfinite(stepper.step(X, Y, 0.1))
+    # the layers hold the dict model.params reads: replace the tensor where the Linear keeps it
+    linear2 = model.net.layers[-1]
+    replace(types.SimpleNamespace(params=linear2.params))
+    with pytest.raises(RuntimeError, match="W2 was replaced after the C step was built"):
+        stepper.step(X, Y, 0.1)
+    with pytest.raises(RuntimeError, match="W2 was replaced"):
+        stepper.steps(X[None], Y[None], [0.1])

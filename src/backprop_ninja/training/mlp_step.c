@@ -7,7 +7,8 @@
  * arithmetic. backprop_ninja/kernel.py loads this file's shared library with ctypes and hands it the
  * model's own parameter storage, which the step updates in place.
  *
- * Legend: B batch, T block size, E embedding width, K = T*E, H hidden width, V vocabulary size.
+ * Legend: the letters of backprop_ninja/conventions.py (B batch, T block size, E embedding width,
+ * H hidden width, V vocabulary size), with K for the first layer's fan-in T*E (conventions.py's F).
  * Every matrix is row-major float32, as torch stores a contiguous tensor.
  *
  * Numerics: each line computes what the matching line of fast.py computes, in float32, but sums in
