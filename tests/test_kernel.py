@@ -6,7 +6,10 @@ Its training step is tested against the eager step in test_fast.py, with the fus
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +168,17 @@ def test_the_c_step_refuses_a_parameter_replaced_after_it_was_built(replace):
         stepper.step(X, Y, 0.1)
     with pytest.raises(RuntimeError, match="W2 was replaced"):
         stepper.steps(X[None], Y[None], [0.1])
+
+
+def test_the_c_step_is_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    """tests/c/sanitize_mlp_step.c: 7 odd shapes, buffers of exactly the size the step may touch."""
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no gcc to build the sanitized C step")
+    source = Path(__file__).parent / "c" / "sanitize_mlp_step.c"
+    binary = tmp_path / "sanitize_mlp_step"
+    subprocess.run([compiler, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                    "-fno-omit-frame-pointer", "-Wno-psabi", str(source), "-o", str(binary), "-lm"], check=True)
+    done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "sanitized: 7 shapes clean"
