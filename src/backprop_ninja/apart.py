@@ -6,11 +6,13 @@ run in a child `python -m MODULE JOB_DIR STATUS_FD`. The child writes JSON lines
 reads the lines with a deadline that it moves on as the child's parts begin (`Child.messages`), and
 ends the child's whole process group when a deadline passes.
 
-    with Child("backprop_ninja.grading.worker", job_dir, startup_timeout=120) as child:
-        for message in child.messages():
-            if message["event"] == "start":
-                child.allow(timeout)          # this part has `timeout` seconds from now
+    with Child("backprop_ninja.grading.worker", job_dir, startup_timeout=120, part_timeout=60) as child:
+        for message in child.messages():  # "loading" and "start" each give the next part 60 s
+            ...
     # raises ChildTimedOut when a deadline passes, ChildDied when the child ends without "end"
+
+The child sends "loading" before it runs the untrusted file, "loaded" after, and "start" before each
+part; Child.loading says whether the file itself was running when the child stopped.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 END = "end"  # the event a child sends last
+PARTS = ("loading", "start")  # the events that begin a part of the child's work, each with part_timeout
 
 
 class ChildTimedOut(Exception):
@@ -37,7 +40,7 @@ class ChildDied(Exception):
 
 
 class Child:
-    def __init__(self, module: str, job_dir: Path, startup_timeout: float) -> None:
+    def __init__(self, module: str, job_dir: Path, startup_timeout: float, part_timeout: float) -> None:
         self.job_dir = job_dir
         self.stderr_path = job_dir / "stderr.txt"
         read_fd, write_fd = os.pipe()
@@ -50,10 +53,11 @@ class Child:
         os.close(write_fd)
         self.read_fd = read_fd
         self.deadline = time.monotonic() + startup_timeout
+        self.part_timeout = part_timeout
+        self.loading = False  # the untrusted file itself is running
 
-    def allow(self, seconds: float) -> None:
-        """The next message is due within `seconds` from now (a part of the child's work begins)."""
-        self.deadline = time.monotonic() + seconds
+    def limit(self) -> str:
+        return f"did not finish within {self.part_timeout:g} s (--timeout)"
 
     def messages(self) -> Iterator[dict]:
         """Each JSON message the child sends, up to and including "end"."""
@@ -72,6 +76,10 @@ class Child:
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     message = json.loads(line)
+                    event = message["event"]
+                    if event in PARTS:
+                        self.deadline = time.monotonic() + self.part_timeout
+                    self.loading = event == "loading" or (self.loading and event != "loaded")
                     yield message
                     if message["event"] == END:
                         self.process.wait()

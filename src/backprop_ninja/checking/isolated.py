@@ -39,22 +39,16 @@ def check_file(path: str | os.PathLike, name: str, timeout: float = 60.0, seed: 
 
 def _run_child(job_dir: Path, path: Path, timeout: float) -> tuple[str, list[Case]]:
     title, cases, current = f"check_backward: {path}", [], None
-    loading = False
-    limit = f"did not finish within {timeout:g} s (--timeout)"
-    with Child("backprop_ninja.checking.backward_worker", job_dir, STARTUP_TIMEOUT_S) as child:
+    with Child("backprop_ninja.checking.backward_worker", job_dir, STARTUP_TIMEOUT_S, timeout) as child:
         try:
             for message in child.messages():
                 event = message["event"]
-                if event == "loading":
-                    loading = True
-                    child.allow(timeout)
-                elif event == "refused":
+                if event == "refused":
                     raise UserError(message["message"])
                 elif event == "loaded":
-                    title, loading = message["title"], False
+                    title = message["title"]
                 elif event == "start":
                     current = message["label"]
-                    child.allow(timeout)
                 elif event == "done":
                     cases.append(assess(load_observation(message["meta"], job_dir / output_file(message["run"]))))
                     current = None
@@ -62,10 +56,11 @@ def _run_child(job_dir: Path, path: Path, timeout: float) -> tuple[str, list[Cas
                     cases.append(Case(current, [], [Finding(current, None, message["message"])]))
                     current = None
         except (ChildTimedOut, ChildDied) as stopped:
-            why = limit if isinstance(stopped, ChildTimedOut) else str(stopped)
+            timed_out = isinstance(stopped, ChildTimedOut)
+            why = child.limit() if timed_out else str(stopped)
             if current is None:
-                what = "running the file" if loading else "the checker's child process"
+                what = "running the file" if child.loading else "the checker's child process"
                 raise UserError(f"{path}: {what} {why}") from None
-            what = f"fn {limit}: stopped" if isinstance(stopped, ChildTimedOut) else f"fn {why}"
-            cases.append(Case(current, [], [Finding(current, None, what)]))
+            finding = f"fn {why}: stopped" if timed_out else f"fn {why}"
+            cases.append(Case(current, [], [Finding(current, None, finding)]))
     return title, cases

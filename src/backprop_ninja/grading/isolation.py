@@ -60,22 +60,16 @@ def _run_child(job_dir: Path, solution: Path, functions: list[str], dtypes: list
                                                 "dtypes": dtypes}))
     defined: list[str] | None = None
     current: tuple[str, str] | None = None  # the call running now
-    loading = False
-    limit = f"did not finish within {timeout:g} s (--timeout)"
-    with Child("backprop_ninja.grading.worker", job_dir, STARTUP_TIMEOUT_S) as child:
+    with Child("backprop_ninja.grading.worker", job_dir, STARTUP_TIMEOUT_S, timeout) as child:
         try:
             for message in child.messages():
                 event = message["event"]
-                if event == "loading":
-                    loading = True
-                    child.allow(timeout)
-                elif event == "load_refused":
+                if event == "load_refused":
                     raise UserError(message["message"])
                 elif event == "loaded":
-                    defined, loading = message["functions"], False
+                    defined = message["functions"]
                 elif event == "start":
                     current = (message["function"], message["dtype"])
-                    child.allow(timeout)
                 elif event == "done":
                     outcomes[current] = _restore(message["meta"], job_dir / output_file(*current))
                     current = None
@@ -84,9 +78,9 @@ def _run_child(job_dir: Path, solution: Path, functions: list[str], dtypes: list
                     current = None
             return defined, None
         except (ChildTimedOut, ChildDied) as stopped:
-            why = limit if isinstance(stopped, ChildTimedOut) else str(stopped)
+            why = child.limit() if isinstance(stopped, ChildTimedOut) else str(stopped)
             if current is None:
-                what = "running the file" if loading else "the grader's child process"
+                what = "running the file" if child.loading else "the grader's child process"
                 raise UserError(f"{solution}: {what} {why}") from None
             kind = "TimeoutError" if isinstance(stopped, ChildTimedOut) else "Crash"
             outcomes[current] = SolutionError(kind, f"{current[0]} {why}")
