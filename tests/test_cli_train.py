@@ -77,7 +77,7 @@ def test_train_then_eval_then_sample_end_to_end(capsys, write_words, tmp_path):
     assert len(lines) == 1 + 3 + 20  # log line, split losses, 20 samples
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plots = ["activations.png", "gradients.png", "loss.png", "update-ratio.png"]
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(plots + [MODEL_FILE, RUN_FILE])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(plots + ["diagnostics.json", MODEL_FILE, RUN_FILE])
     for plot in plots:
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

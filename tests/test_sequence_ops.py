@@ -346,7 +346,7 @@ RECURRENCES = {
 
 class SequenceCase(NamedTuple):
     case: Case
-    dh_norms: Tensor  # (T,) as the backward returned them
+    dh: Tensor  # (B, T, H) dL/dh_t as the backward returned it
 
 
 def sequence_case(kind: str, positions: int, start_rows: int, g: torch.Generator) -> SequenceCase:
@@ -357,13 +357,13 @@ def sequence_case(kind: str, positions: int, start_rows: int, g: torch.Generator
     assert out.shape == (B, positions, H)
     torch.testing.assert_close(out, reference, rtol=AUTOGRAD_RTOL, atol=AUTOGRAD_ATOL)
     dout = rand(*out.shape, g=g)
-    *mine, dh_norms = rec.backward(dout, cache)
+    *mine, dh = rec.backward(dout, cache)
 
     def unrolled(x: Tensor, h0: Tensor, *weights: Tensor) -> Tensor:
         return makemore_unrolled(rec.cell, x, h0, *weights)
 
     case = Case(["x", "h0", *rec.names], mine, lambda *a: rec.forward(*a)[0], unrolled, dout, [x, h0, *weights])
-    return SequenceCase(case, dh_norms)
+    return SequenceCase(case, dh)
 
 
 @pytest.mark.parametrize("oracle", ORACLES)
@@ -378,20 +378,20 @@ def test_sequence_backward_matches_autograd_and_finite_differences(kind, positio
 
 @pytest.mark.parametrize("start", START_ROWS)
 @pytest.mark.parametrize("kind", RECURRENCES)
-def test_sequence_backward_returns_the_norm_of_dL_dh_at_every_step(kind, start):
-    """dh_norms[t] = ||dL/dh_t||, the total gradient (from the output and from step t+1), as autograd sees it."""
+def test_sequence_backward_returns_dL_dh_at_every_step(kind, start):
+    """dh[:, t] = dL/dh_t, the total gradient (from the output and from step t+1), as autograd sees it."""
     g = torch.Generator().manual_seed(70)
     rec = RECURRENCES[kind]
     seq = sequence_case(kind, T, START_ROWS[start], g)
     x, h0, *weights = [x.detach().clone().requires_grad_(True) for x in seq.case.inputs]
     hiddens: list[Tensor] = []
     (makemore_unrolled(rec.cell, x, h0, *weights, keep=hiddens) * seq.case.dout).sum().backward()
-    expected = torch.stack([torch.linalg.vector_norm(h.grad) for h in hiddens])  # (T,)
-    assert seq.dh_norms.shape == (T,)
-    torch.testing.assert_close(seq.dh_norms, expected, rtol=AUTOGRAD_RTOL, atol=AUTOGRAD_ATOL)
+    expected = torch.stack([h.grad for h in hiddens], dim=1)  # (B, T, H)
+    assert seq.dh.shape == expected.shape
+    torch.testing.assert_close(seq.dh, expected, rtol=AUTOGRAD_RTOL, atol=AUTOGRAD_ATOL)
     # the last step's gradient comes from the output alone; the earlier ones add the next step's
-    torch.testing.assert_close(seq.dh_norms[-1], torch.linalg.vector_norm(seq.case.dout[:, -1]))
-    assert not torch.allclose(seq.dh_norms[:-1], torch.linalg.vector_norm(seq.case.dout[:, :-1], dim=(0, 2)))
+    assert torch.equal(seq.dh[:, -1], seq.case.dout[:, -1])
+    assert not torch.allclose(seq.dh[:, :-1], seq.case.dout[:, :-1])
 
 
 @pytest.mark.parametrize("kind", RECURRENCES)
@@ -404,13 +404,13 @@ def test_a_sequence_of_one_step_is_the_step(kind):
     x, h0, weights = rand(B, 1, E, g=g), rand(B, H, g=g), cell_weights(rec.pairs, g)
     out, cache = rec.forward(x, h0, *weights)
     dout = rand(*out.shape, g=g)
-    dx, dh0, *dweights, dh_norms = rec.backward(dout, cache)
+    dx, dh0, *dweights, dh = rec.backward(dout, cache)
     h, step_cache = step_forward(x[:, 0], h0, *weights)
     assert torch.equal(out[:, 0], h)
     step_dx, step_dh_prev, *step_dweights = step_backward(dout[:, 0], step_cache)
     assert torch.equal(dx[:, 0], step_dx) and torch.equal(dh0, step_dh_prev)
     assert all(torch.equal(a, b) for a, b in zip(dweights, step_dweights))
-    assert torch.equal(dh_norms, torch.linalg.vector_norm(dout[:, 0]).view(1))
+    assert torch.equal(dh, dout)
 
 
 @pytest.mark.parametrize("kind", RECURRENCES)

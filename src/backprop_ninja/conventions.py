@@ -9,6 +9,7 @@ Dimension legend (shape comments everywhere use these letters):
     H  hidden width (fan-out of a Linear)
     V  vocabulary size (characters + the end token)
     N  rows of a whole split;  U  distinct contexts among them
+    nh heads of attention;  hs  head size, E / nh
 
 Gradient policy: every backward returns *fresh* tensors and never accumulates into anything
 (no `.grad`, no zero_grad()). Where a tensor feeds two branches, the code that made the branch
@@ -19,12 +20,16 @@ Weight layout: a Linear's weight is (fan_in, fan_out), as in the lectures: out =
 BatchNorm: in training mode it normalises with the batch mean and the *unbiased* batch variance
 (Bessel's correction, 1/(n-1)), with eps = 1e-5, exactly as the lectures' BatchNorm.
 
+Sequences: a target of IGNORE_INDEX (-1, as makemore) is padding; the loss predicts nothing there.
+
 Seeds: every makemore lecture draws from torch.Generator().manual_seed(2147483647), and samples
 from the same seed + 10.
 """
 
 LECTURE_SEED = 2147483647
 SAMPLE_SEED = LECTURE_SEED + 10
+
+IGNORE_INDEX = -1
 
 BATCHNORM_EPS = 1e-5
 BATCHNORM_UNBIASED = True  # Bessel's correction in training statistics and in calibration

@@ -4,6 +4,10 @@ The lecture samples one word at a time, one character per forward pass. Here the
 together: one forward pass of N contexts per character position, until every word has drawn the
 end token (or reached the length limit). BatchNorm is in eval mode, so each row is independent of
 the others, and a seed fixes every word.
+
+A window model reads the last block_size tokens; a model of whole words (view "sequences") reads
+the word so far from its start token and predicts from its last position, as makemore's generate.
+Its words stop at block_size - 1 characters, the longest its training rows hold.
 """
 
 from __future__ import annotations
@@ -29,13 +33,20 @@ def sample_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
 ) -> Tensor:
-    """(n, max_len) token ids; each row ends at its first END_TOKEN (padded with END_TOKEN after it)."""
+    """(n, max_len) token ids; each row ends at its first END_TOKEN (padded with END_TOKEN after it).
+
+    A model of whole words draws at most block_size - 1 tokens (sample_limit)."""
     device = model.device
-    context = torch.full((n, model.config.block_size), END_TOKEN, dtype=torch.long, device=device)  # (n, T)
+    words = model.view == "sequences"
+    if words:
+        max_len = min(max_len, sample_limit(model))
+    start = 1 if words else model.config.block_size  # the start token, or a window of end tokens
+    context = torch.full((n, start), END_TOKEN, dtype=torch.long, device=device)  # (n, T)
     out = torch.full((n, max_len), END_TOKEN, dtype=torch.long)  # (n, L)
     done = torch.zeros(n, dtype=torch.bool)  # (n,)
     for t in range(max_len):
-        logits = model.logits(context).float().cpu() / temperature  # (n, V)
+        logits = model.logits(context)  # (n, V), or (n, t+1, V) for a model of whole words
+        logits = (logits[:, -1] if words else logits).float().cpu() / temperature  # (n, V)
         if top_k is not None and top_k < logits.shape[1]:
             kth = torch.topk(logits, top_k, dim=1).values[:, -1:]  # (n, 1) the k-th largest logit
             logits = logits.masked_fill(logits < kth, -float("inf"))  # (n, V)
@@ -46,8 +57,14 @@ def sample_tokens(
         done |= ix == END_TOKEN
         if bool(done.all()):
             break
-        context = torch.cat([context[:, 1:], ix.to(device)[:, None]], dim=1)  # (n, T) crop and append
+        kept = context if words else context[:, 1:]  # a word grows; a window drops its oldest token
+        context = torch.cat([kept, ix.to(device)[:, None]], dim=1)  # (n, T)
     return out
+
+
+def sample_limit(model: Model) -> int:
+    """The most tokens a model of whole words draws: its rows hold block_size - 1 characters and the end."""
+    return model.config.block_size - 1
 
 
 def sample_words(

@@ -26,10 +26,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from backprop_ninja import ops
 from backprop_ninja.checking.finite_differences import NumericalRow, central_difference_at, numerical_row
 from backprop_ninja.checking.verdict import Judgement, Row, compare, gradient_scale, judge, scale_floor
 from backprop_ninja.data import load_dataset
@@ -45,13 +43,13 @@ CHECK_DTYPE = torch.float64
 
 FD_ENTRIES = 12  # entries of each parameter nudged (all of them when it has fewer)
 
-SHORT_NAMES = {"FlattenConsecutive": "Flatten", "BatchNorm1d": "BatchNorm"}
+SHORT_NAMES = {"FlattenConsecutive": "Flatten", "BatchNorm1d": "BatchNorm", "PositionEmbedding": "Positions"}
 
 
 class ModelSetup(NamedTuple):
     model: Model
-    Xb: Tensor  # (B, T) contexts
-    Yb: Tensor  # (B,) targets
+    Xb: Tensor  # (B, T) contexts, or words
+    Yb: Tensor  # (B,) targets, or (B, T) for words
 
 
 def model_setup(
@@ -59,8 +57,8 @@ def model_setup(
 ) -> ModelSetup:
     """The model at its registry shape, then one batch drawn from the same generator, as the lecture."""
     spec = get_spec(name)
-    ds = load_dataset(input_path, block_size=spec.block_size)
-    config = spec.config(ds.vocab.size, n_hidden=n_hidden)
+    ds = load_dataset(input_path, block_size=spec.block_size, view=spec.view)
+    config = spec.config(ds.vocab.size, block_size=ds.block_size, n_hidden=n_hidden)
     g = torch.Generator().manual_seed(seed)
     model = build_model(config, g)
     ix = torch.randint(0, ds.train.X.shape[0], (batch_size,), generator=g)  # (B,)
@@ -85,22 +83,26 @@ def model_rows(model: Model, Xb: Tensor, Yb: Tensor, dtype: torch.dtype = CHECK_
     with net.substituted(params):
         # the hand-written side: the training path, recording d loss / d (each layer's output)
         douts: list[Tensor] = []
-        _, ce_cache = ops.cross_entropy_forward(net.forward(Xb), Yb)
-        net.backward(ops.cross_entropy_backward(ce_cache), douts=douts)
+        _, loss_cache = model.loss_forward(net.forward(Xb), Yb)
+        net.backward(model.loss_backward(loss_cache), douts=douts)
         mine = dict(net.grads)
+        mine_inner = {i: layer.inner_grads() for i, layer in enumerate(net.layers) if hasattr(layer, "inner_grads")}
         # the reference: the same layers on autograd leaves
         leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
         outs: list[Tensor] = []
         with torch.enable_grad(), net.substituted(leaves):
-            logits = net.forward(Xb, outs=outs)  # (B, V)
-            for out in outs:
+            logits = net.forward(Xb, outs=outs)  # (B, V) or (B, T, V)
+            inner = {i: net.layers[i].inner_outputs() for i in mine_inner}  # e.g. an RNN's h_t
+            for out in [*outs, *(t for tensors in inner.values() for t in tensors.values())]:
                 out.retain_grad()
-            F.cross_entropy(logits, Yb).backward()
+            model.reference_loss(logits, Yb).backward()
 
     pairs = []  # (label, hand-written, autograd) in backward order
     for index in reversed(range(len(net.layers))):
         layer = net.layers[index]
         pairs.append((layer_label(index, layer), douts[index], outs[index].grad))
+        pairs += [(f"{layer_label(index, layer)} {key}", mine_inner[index][key], tensor.grad)
+                  for key, tensor in inner.get(index, {}).items()]
         pairs += [(name, mine[name], leaves[name].grad) for name in layer.params]
     floor = scale_floor(ref for _, _, ref in pairs)
     return [CheckedRow(compare(label, grad, ref), judge(grad, ref, gradient_scale(ref, floor)))
@@ -123,10 +125,10 @@ def numerical_rows(
         net.train(True)
 
         def loss_now() -> float:
-            return F.cross_entropy(net.forward(Xb), Yb).item()
+            return model.reference_loss(net.forward(Xb), Yb).item()
 
-        _, ce_cache = ops.cross_entropy_forward(net.forward(Xb), Yb)
-        net.backward(ops.cross_entropy_backward(ce_cache))
+        _, loss_cache = model.loss_forward(net.forward(Xb), Yb)
+        net.backward(model.loss_backward(loss_cache))
         grads = dict(net.grads)
         for name, p in params64.items():
             flat = p.view(-1)

@@ -131,8 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps in total")
     g.add_argument("--plots", action="store_true", help="write the training plots into the run directory")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="which network (default: mlp, the lecture's)")
-    g.add_argument("--block-size", type=positive_int, help="context length (default: the model's)")
+    g.add_argument("--model", help="which network: mlp (default, the lecture's), deep-mlp, wavenet, bigram, rnn, gru, "
+                                   "bow")
+    g.add_argument("--block-size", type=positive_int,
+                   help="context length (default: the model's; for models of whole words the longest word + 1, "
+                        "and at least that)")
+    g.add_argument("--max-word-length", type=positive_int, metavar="N",
+                   help="models of whole words: refuse a word list whose longest word has more than N characters "
+                        "(default: 64)")
     g.add_argument("--embd", type=positive_int, help="embedding width (default: the model's)")
     g.add_argument("--hidden", type=positive_int, help="hidden width (default: the model's)")
     g = p.add_argument_group("optimization")
@@ -143,9 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate before the decay to lr/10 (default: 0.1 for sgd, 5e-4 for adamw)")
     g.add_argument("--seed", type=int, help=f"fixes initialisation and batches (default: {LECTURE_SEED})")
     g.add_argument("--optimizer", choices=("sgd", "adamw"),
-                   help="the update written by hand (default: sgd, the lectures'; adamw: makemore's)")
+                   help="the update written by hand (default: sgd for the lectures' models, adamw for makemore's "
+                        "models of whole words)")
     g.add_argument("--weight-decay", type=_non_negative_float, metavar="W",
                    help="decoupled weight decay (default: 0 for sgd, 0.01 for adamw)")
+    g.add_argument("--clip-grad-norm", type=_positive_float, metavar="X",
+                   help="scale each step's gradients down to a global norm of at most X (default: off, as makemore)")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     averaging = g.add_mutually_exclusive_group()
     averaging.add_argument("--average-from", type=_fraction, metavar="F",

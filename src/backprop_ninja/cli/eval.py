@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ckpt = checkpoint.load(args.out, device)
     info = ckpt.info
-    data = load_run_data(args.input or info.input, info.config.block_size, vocab=info.vocab)
+    data = load_run_data(args.input or info.input, info.config.block_size, vocab=info.vocab, view=ckpt.model.view)
     losses = evaluate(ckpt.model, data.dataset)
     print(json.dumps(losses) if args.json else format_losses(losses))
     return 0

@@ -4,6 +4,7 @@
     mlp.py        makemore part 4's MLP (the lecture network), and the test of its layer pattern
     deep_mlp.py   makemore part 3's deep MLP
     wavenet.py    makemore part 5's hierarchical network
+    sequence.py   makemore's bigram, rnn, gru and bow, over whole words
 
 Builders draw every initial value from the seeded torch.Generator they are given, in a fixed
 order, so a seed fixes the model. A new model family: a module here with its config dataclass and
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from backprop_ninja.errors import UserError
-from backprop_ninja.models.base import Model, ModelConfig
+from backprop_ninja.models.base import Model, ModelConfig, SequenceConfig, SequenceModel
 from backprop_ninja.models.deep_mlp import build_deep_mlp
 from backprop_ninja.models.mlp import MLPConfig, build_mlp, is_lecture_mlp
+from backprop_ninja.models.sequence import BigramConfig, build_bigram, build_bow, build_gru, build_rnn
 from backprop_ninja.models.wavenet import build_wavenet
 
 
@@ -37,10 +39,14 @@ class ModelSpec:
     # Report the weights averaged over the steps after this fraction of the run (stochastic weight
     # averaging, training.averaging.WeightAverage), or None: the last weights, as the lectures do.
     average_from: float | None = None
+    view: str = "windows"  # the data it reads: context windows, or whole words ("sequences")
+    optimizer: str = "sgd"  # the default update (train --optimizer)
 
     @property
-    def block_size(self) -> int:
-        return self.defaults.block_size
+    def block_size(self) -> int | None:
+        """The default context length; None for a model of whole words, whose block is the data's
+        longest word + 1."""
+        return self.defaults.block_size if self.view == "windows" else None
 
     def config(self, vocab_size: int, **overrides) -> ModelConfig:
         """The default shape with the data's vocabulary and the options given (None: not given)."""
@@ -63,6 +69,25 @@ MODELS: dict[str, ModelSpec] = {
         summary="makemore part 5: embedding, 3 x (flatten pairs, Linear, BatchNorm, tanh), Linear",
         average_from=0.75,  # the lr = 0.01 phase (docs/models.md)
     ),
+    "bigram": ModelSpec(
+        build_bigram, BigramConfig(), steps=10_000, decay_at=0.75,
+        summary="makemore's bigram: a (V, V) table of next-character logits", view="sequences", optimizer="adamw",
+    ),
+    "rnn": ModelSpec(
+        build_rnn, SequenceConfig("rnn"), steps=20_000, decay_at=0.75,
+        summary="makemore's rnn: embedding, h_t = tanh(Linear([x_t, h_{t-1}])), a linear head on every h_t",
+        view="sequences", optimizer="adamw",
+    ),
+    "gru": ModelSpec(
+        build_gru, SequenceConfig("gru"), steps=20_000, decay_at=0.75,
+        summary="makemore's gru: embedding, the GRU cell (reset and update gates), a linear head on every h_t",
+        view="sequences", optimizer="adamw",
+    ),
+    "bow": ModelSpec(
+        build_bow, SequenceConfig("bow"), steps=20_000, decay_at=0.75,
+        summary="makemore's bow: token + position embeddings, x + causal mean, x + MLP, a linear head",
+        view="sequences", optimizer="adamw",
+    ),
 }
 
 
@@ -80,4 +105,5 @@ def build_model(config: ModelConfig, g: torch.Generator) -> Model:
     return get_spec(config.model).build(config, g)
 
 
-__all__ = ["MODELS", "MLPConfig", "Model", "ModelConfig", "ModelSpec", "build_model", "get_spec", "is_lecture_mlp"]
+__all__ = ["MODELS", "MLPConfig", "Model", "ModelConfig", "ModelSpec", "SequenceConfig", "SequenceModel", "build_model",
+           "get_spec", "is_lecture_mlp"]

@@ -7,6 +7,11 @@ the train/eval/sample/checkpoint machinery uses without knowing which model it h
     logits = model.logits(X)                    # eval mode (BatchNorm uses its buffers)
     model.calibrate(Xtr)                        # BatchNorm buffers := statistics of the training set
 
+A `Model` reads context windows (data.windows: X (B, T), Y (B,)) and predicts one character per
+row; a `SequenceModel` reads whole words (data.sequences: X (B, T), Y (B, T) padded with -1) and
+predicts every position. `model.view` says which; the loss is each one's own (loss_forward,
+loss_backward, and reference_loss for autograd).
+
 Each model family has its own config dataclass, a subclass of ModelConfig; run.json stores it and
 checkpoint loading checks every field against its declared type.
 """
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backprop_ninja import ops
+from backprop_ninja.conventions import IGNORE_INDEX
 from backprop_ninja.data import distinct_contexts
 from backprop_ninja.nn import Sequential
 
@@ -50,6 +56,8 @@ class ModelConfig:
 
 
 class Model:
+    view = "windows"  # the data it reads (data.VIEWS)
+
     def __init__(self, config: ModelConfig, net: Sequential) -> None:
         self.config = config
         self.net = net
@@ -79,12 +87,26 @@ class Model:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
+    # the loss: the mean cross-entropy of the predicted characters
+    @staticmethod
+    def loss_forward(logits: Tensor, Y: Tensor) -> tuple[Tensor, tuple]:
+        return ops.cross_entropy_forward(logits, Y)  # (), cache
+
+    @staticmethod
+    def loss_backward(cache: tuple) -> Tensor:
+        return ops.cross_entropy_backward(cache)  # dlogits
+
+    @staticmethod
+    def reference_loss(logits: Tensor, Y: Tensor) -> Tensor:
+        """The loss as torch computes it, for autograd and finite differences."""
+        return F.cross_entropy(logits, Y)  # ()
+
     def loss_and_grads(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One training-mode forward pass and the hand-written backward pass: (loss, {name: grad})."""
         self.net.train(True)
-        logits = self.net.forward(X)  # (B, V)
-        loss, ce_cache = ops.cross_entropy_forward(logits, Y)  # ()
-        self.net.backward(ops.cross_entropy_backward(ce_cache))
+        logits = self.net.forward(X)  # (B, V) or (B, T, V)
+        loss, loss_cache = self.loss_forward(logits, Y)  # ()
+        self.net.backward(self.loss_backward(loss_cache))
         return loss, self.net.grads
 
     def autograd_loss_and_grads(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -96,7 +118,7 @@ class Model:
         leaves = {k: p.detach().clone().requires_grad_(True) for k, p in self.params.items()}
         with torch.enable_grad(), self.net.substituted(leaves):
             self.net.train(True)
-            loss = F.cross_entropy(self.net.forward(X), Y)  # ()
+            loss = self.reference_loss(self.net.forward(X), Y)  # ()
             loss.backward()
         return loss.detach(), {k: leaf.grad for k, leaf in leaves.items()}
 
@@ -116,4 +138,41 @@ class Model:
         self.net.calibrate(contexts.rows, contexts.counts)
 
     def __repr__(self) -> str:
-        return f"Model({self.config.model}, {self.num_params()} parameters)\n{self.net!r}"
+        return f"{type(self).__name__}({self.config.model}, {self.num_params()} parameters)\n{self.net!r}"
+
+
+@dataclass(frozen=True)
+class SequenceConfig(ModelConfig):
+    """The shape of makemore's sequence models; block_size is the data's longest word + 1 (16 on names.txt)."""
+
+    model: str = "rnn"
+    vocab_size: int = 27
+    block_size: int = 16
+    n_embd: int = 64  # token (and position) embedding width
+    n_hidden: int = 64  # makemore's n_embd2: the recurrent state, or the bag of words' MLP width
+
+    @property
+    def hidden_width(self) -> int:
+        return max(self.n_embd, self.n_hidden)
+
+
+class SequenceModel(Model):
+    """A model of whole words: X (B, T) inputs -> (B, T, V) logits, one prediction per position,
+    the loss the mean over the predicted ones (targets of -1 are padding)."""
+
+    view = "sequences"
+
+    @staticmethod
+    def loss_forward(logits: Tensor, Y: Tensor) -> tuple[Tensor, tuple]:
+        return ops.sequence_cross_entropy_forward(logits, Y)  # (), cache
+
+    @staticmethod
+    def loss_backward(cache: tuple) -> Tensor:
+        return ops.sequence_cross_entropy_backward(cache)  # dlogits (B, T, V)
+
+    @staticmethod
+    def reference_loss(logits: Tensor, Y: Tensor) -> Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    def calibrate(self, X: Tensor) -> None:
+        """Nothing to calibrate: no BatchNorm."""

@@ -2,10 +2,13 @@
 
     layers.py      Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh: each owns its parameters,
                    buffers and the cache of its last forward pass
+    sequence_layers.py  PositionEmbedding, CausalBoW, RNN, GRU: the sequence models' layers
     containers.py  Sequential, and Residual (x + branch(x): the two paths' gradients summed)
 """
 
 from backprop_ninja.nn.containers import Residual, Sequential
 from backprop_ninja.nn.layers import BatchNorm1d, Embedding, FlattenConsecutive, Layer, Linear, Tanh
+from backprop_ninja.nn.sequence_layers import GRU, RNN, CausalBoW, PositionEmbedding, Recurrent
 
-__all__ = ["BatchNorm1d", "Embedding", "FlattenConsecutive", "Layer", "Linear", "Residual", "Sequential", "Tanh"]
+__all__ = ["GRU", "RNN", "BatchNorm1d", "CausalBoW", "Embedding", "FlattenConsecutive", "Layer", "Linear",
+           "PositionEmbedding", "Recurrent", "Residual", "Sequential", "Tanh"]

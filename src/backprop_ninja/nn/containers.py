@@ -29,9 +29,13 @@ class Sequential(Layer):
     def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
 
+    def leaves(self) -> Iterator[Layer]:
+        for layer in self.layers:
+            yield from layer.leaves()
+
     def train(self, mode: bool = True) -> "Sequential":
         self.training = mode
-        for layer in self.layers:
+        for layer in [*self.layers, *self.leaves()]:
             layer.training = mode
         return self
 
@@ -76,18 +80,18 @@ class Sequential(Layer):
 
         BatchNorm buffers are restored too (kept_buffers), so a reference pass leaves the model as it was.
         """
-        originals = {}
-        for layer in self.layers:
-            for name in layer.params:
-                originals[name] = layer.params[name]
-                layer.params[name] = params[name]
+        # the layers' own dicts and the merged ones of containers inside, each dict once
+        dicts = list({id(layer.params): layer.params for layer in [*self.layers, *self.leaves()]}.values())
+        originals = [dict(d) for d in dicts]
+        for d in dicts:
+            for name in d:
+                d[name] = params[name]
         try:
             with self.kept_buffers():
                 yield self
         finally:
-            for layer in self.layers:
-                for name in layer.params:
-                    layer.params[name] = originals[name]
+            for d, original in zip(dicts, originals):
+                d.update(original)
 
     def calibrate(self, x: Tensor, counts: Tensor | None = None) -> None:
         """Pass x through in eval mode, setting every BatchNorm's buffers to the statistics it sees
@@ -121,6 +125,9 @@ class Residual(Layer):
         self.branch = branch
         self.params = branch.params
         self.buffers = branch.buffers
+
+    def leaves(self) -> Iterator[Layer]:
+        yield from self.branch.leaves()
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.branch.forward(x)  # (..., H)

@@ -13,6 +13,8 @@ Containers (nn.containers) run the layers' backwards in reverse order and merge 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -34,6 +36,10 @@ class Layer:
 
     def backward(self, dout: Tensor) -> Tensor | None:
         raise NotImplementedError
+
+    def leaves(self) -> Iterator["Layer"]:
+        """The layers that own parameters or caches: this one, or a container's own, recursively."""
+        yield self
 
     def __repr__(self) -> str:
         names = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.params.items())

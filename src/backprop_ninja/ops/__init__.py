@@ -10,15 +10,20 @@ conventions (dimension letters, the gradient policy, the weight layout, BatchNor
 Bessel's correction) are stated once, in backprop_ninja.conventions.
 
 One module per family: embedding, shape (flatten), linear, activations, batchnorm, loss.
-For the sequence models: gates (sigmoid), sequence_loss, causal (bag of words), recurrent (RNN, GRU).
+For the sequence models: gates (sigmoid), sequence_loss, causal (bag of words), recurrent (RNN, GRU),
+and embedding's position table. For the transformer: layernorm, gelu, attention (softmax, the qkv split
+into heads, causal attention, the head merge).
 """
 
-from backprop_ninja.conventions import BATCHNORM_EPS
+from backprop_ninja.conventions import BATCHNORM_EPS, IGNORE_INDEX
 from backprop_ninja.ops.activations import TanhCache, one_minus_square, tanh_backward, tanh_forward
 from backprop_ninja.ops.batchnorm import (
     BatchNormCache, BatchStats, batchnorm_backward, batchnorm_dims, batchnorm_forward, batchnorm_inference,
 )
-from backprop_ninja.ops.embedding import EmbeddingCache, embedding_backward, embedding_forward
+from backprop_ninja.ops.embedding import (
+    EmbeddingCache, PositionEmbeddingCache, embedding_backward, embedding_forward, position_embedding_backward,
+    position_embedding_forward,
+)
 from backprop_ninja.ops.linear import LinearCache, linear_backward, linear_forward
 from backprop_ninja.ops.loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from backprop_ninja.ops.shape import FlattenCache, flatten_consecutive_backward, flatten_consecutive_forward
@@ -28,8 +33,15 @@ from backprop_ninja.ops.recurrent import (
     GRUCache, GRUStepCache, RNNCache, RNNStepCache, gru_backward, gru_forward, gru_step_backward, gru_step_forward,
     rnn_backward, rnn_forward, rnn_step_backward, rnn_step_forward,
 )
+from backprop_ninja.ops.attention import (
+    CausalAttentionCache, MergeHeadsCache, SoftmaxCache, SplitHeadsCache, attention_entropy, attention_weights,
+    causal_attention_backward, causal_attention_forward, causal_mask, merge_heads_backward, merge_heads_forward,
+    softmax_backward, softmax_forward, split_heads_backward, split_heads_forward,
+)
+from backprop_ninja.ops.gelu import GELUCache, gelu_backward, gelu_forward
+from backprop_ninja.ops.layernorm import LAYERNORM_EPS, LayerNormCache, layernorm_backward, layernorm_forward
 from backprop_ninja.ops.sequence_loss import (
-    IGNORE_INDEX, SequenceCrossEntropyCache, sequence_cross_entropy_backward, sequence_cross_entropy_forward,
+    SequenceCrossEntropyCache, sequence_cross_entropy_backward, sequence_cross_entropy_forward,
 )
 
 __all__ = [
@@ -38,9 +50,15 @@ __all__ = [
     "cross_entropy_backward", "cross_entropy_forward", "embedding_backward", "embedding_forward",
     "flatten_consecutive_backward", "flatten_consecutive_forward", "linear_backward", "linear_forward",
     "one_minus_square", "tanh_backward", "tanh_forward",
+    "PositionEmbeddingCache", "position_embedding_backward", "position_embedding_forward",
     "CausalBoWCache", "GRUCache", "GRUStepCache", "IGNORE_INDEX", "RNNCache", "RNNStepCache",
     "SequenceCrossEntropyCache", "SigmoidCache", "causal_bow_backward", "causal_bow_forward",
     "gru_backward", "gru_forward", "gru_step_backward", "gru_step_forward",
     "rnn_backward", "rnn_forward", "rnn_step_backward", "rnn_step_forward",
     "sequence_cross_entropy_backward", "sequence_cross_entropy_forward", "sigmoid_backward", "sigmoid_forward",
+    "CausalAttentionCache", "GELUCache", "LAYERNORM_EPS", "LayerNormCache", "MergeHeadsCache", "SoftmaxCache",
+    "SplitHeadsCache", "attention_entropy", "attention_weights", "causal_attention_backward",
+    "causal_attention_forward", "causal_mask", "gelu_backward", "gelu_forward", "layernorm_backward",
+    "layernorm_forward", "merge_heads_backward", "merge_heads_forward", "softmax_backward", "softmax_forward",
+    "split_heads_backward", "split_heads_forward",
 ]

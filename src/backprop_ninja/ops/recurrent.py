@@ -126,51 +126,54 @@ def gru_step_backward(dh: Tensor, cache: GRUStepCache) -> tuple[Tensor, ...]:
 class RNNCache(NamedTuple):
     steps: tuple[RNNStepCache, ...]  # one per position, t = 0..T-1
     h0_shape: torch.Size  # (B, H) or (1, H), to give dh0 h0's shape
+    states: tuple[Tensor, ...]  # h_t for t = 0..T-1, each (B, H), the very tensors step t+1 read
 
 
 class GRUCache(NamedTuple):
     steps: tuple[GRUStepCache, ...]  # one per position, t = 0..T-1
     h0_shape: torch.Size  # (B, H) or (1, H)
+    states: tuple[Tensor, ...]  # h_t for t = 0..T-1, each (B, H)
 
 
 def rnn_forward(x: Tensor, h0: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, RNNCache]:
     """x (B, T, E), h0 (B, H) or (1, H), w (E+H, H), b (H,) -> the hidden states (B, T, H)."""
-    out, steps = _unroll(rnn_step_forward, x, h0, (w, b))  # (B, T, H)
-    return out, RNNCache(steps, h0.shape)
+    out, steps, states = _unroll(rnn_step_forward, x, h0, (w, b))  # (B, T, H)
+    return out, RNNCache(steps, h0.shape, states)
 
 
 def rnn_backward(dout: Tensor, cache: RNNCache) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns dx, dh0, dW, db, in the forward's input order, then dh_norms (T,): ||dL/dh_t|| per step.
+    """Returns dx, dh0, dW, db, in the forward's input order, then dh (B, T, H): dL/dh_t at every step.
 
     In the forward pass this was: for t in range(T): h = rnn_step(x[:, t], h, W, b); out[:, t] = h.
     Backpropagation through time: see _backprop_through_time.
     """
-    dx, dh0, dweights, dh_norms = _backprop_through_time(dout, cache.steps, rnn_step_backward, cache.h0_shape)
-    return (dx, dh0, *dweights, dh_norms)
+    dx, dh0, dweights, dh = _backprop_through_time(dout, cache.steps, rnn_step_backward, cache.h0_shape)
+    return (dx, dh0, *dweights, dh)
 
 
 def gru_forward(
     x: Tensor, h0: Tensor, w_r: Tensor, b_r: Tensor, w_hbar: Tensor, b_hbar: Tensor, w_z: Tensor, b_z: Tensor
 ) -> tuple[Tensor, GRUCache]:
     """x (B, T, E), h0 (B, H) or (1, H), every w (E+H, H), every b (H,) -> the hidden states (B, T, H)."""
-    out, steps = _unroll(gru_step_forward, x, h0, (w_r, b_r, w_hbar, b_hbar, w_z, b_z))  # (B, T, H)
-    return out, GRUCache(steps, h0.shape)
+    out, steps, states = _unroll(gru_step_forward, x, h0, (w_r, b_r, w_hbar, b_hbar, w_z, b_z))  # (B, T, H)
+    return out, GRUCache(steps, h0.shape, states)
 
 
 def gru_backward(dout: Tensor, cache: GRUCache) -> tuple[Tensor, ...]:
     """Returns dx, dh0, dW_r, db_r, dW_hbar, db_hbar, dW_z, db_z, in the forward's input order, then
-    dh_norms (T,): ||dL/dh_t|| per step.
+    dh (B, T, H): dL/dh_t at every step.
 
     In the forward pass this was: for t in range(T): h = gru_step(x[:, t], h, ...); out[:, t] = h.
     Backpropagation through time: see _backprop_through_time.
     """
-    dx, dh0, dweights, dh_norms = _backprop_through_time(dout, cache.steps, gru_step_backward, cache.h0_shape)
-    return (dx, dh0, *dweights, dh_norms)
+    dx, dh0, dweights, dh = _backprop_through_time(dout, cache.steps, gru_step_backward, cache.h0_shape)
+    return (dx, dh0, *dweights, dh)
 
 
 def _unroll(step_forward: Callable[..., tuple[Tensor, tuple]], x: Tensor, h0: Tensor,
-            weights: tuple[Tensor, ...]) -> tuple[Tensor, tuple]:
-    """Run the cell over the positions of x from h0: the stacked hidden states and one cache per step."""
+            weights: tuple[Tensor, ...]) -> tuple[Tensor, tuple, tuple[Tensor, ...]]:
+    """Run the cell over the positions of x from h0: the stacked hidden states, one cache per step
+    and the states h_t themselves."""
     if x.ndim != 3 or x.shape[1] < 1:
         raise ValueError(f"a recurrent layer takes a (B, T, E) input with T >= 1, got shape {tuple(x.shape)}")
     batch, T, _ = x.shape
@@ -183,12 +186,12 @@ def _unroll(step_forward: Callable[..., tuple[Tensor, tuple]], x: Tensor, h0: Te
         h, step = step_forward(x[:, t], h, *weights)  # (B, H)
         hs.append(h)
         steps.append(step)
-    return torch.stack(hs, dim=1), tuple(steps)  # (B, T, H)
+    return torch.stack(hs, dim=1), tuple(steps), tuple(hs)  # (B, T, H)
 
 
 def _backprop_through_time(dout: Tensor, steps: tuple, step_backward: Callable[..., tuple[Tensor, ...]],
                            h0_shape: torch.Size) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
-    """dx, dh0, the weights' gradients and the per-step norms ||dL/dh_t||, from the last step back.
+    """dx, dh0, the weights' gradients and dL/dh_t of every step (B, T, H), from the last step back.
 
     h_t feeds two things: the output out[:, t] and the next step. So the gradient into h_t is the sum
 
@@ -200,13 +203,13 @@ def _backprop_through_time(dout: Tensor, steps: tuple, step_backward: Callable[.
     batch, T, _ = dout.shape
     dxs: list[Tensor] = [None] * T  # type: ignore[list-item]
     dweights: list[Tensor] = []
-    dh_norms = dout.new_empty(T)  # (T,)
+    dhs = torch.empty_like(dout)  # (B, T, H)
     dh_next = torch.zeros_like(dout[:, 0])  # (B, H) the gradient from after the last step: none
     for t in reversed(range(T)):
         dh = dout[:, t] + dh_next  # (B, H) dL/dh_t: from the output and from step t+1
-        dh_norms[t] = torch.linalg.vector_norm(dh)  # (): the norm over the batch and the features
+        dhs[:, t] = dh
         dxs[t], dh_next, *dstep = step_backward(dh, steps[t])  # (B, E), (B, H), the weights'
         dweights = dstep if t == T - 1 else [total + d for total, d in zip(dweights, dstep)]  # (E+H, H), (H,), ...
     dx = torch.stack(dxs, dim=1)  # (B, T, E)
     dh0 = dh_next if h0_shape[0] == batch else dh_next.sum(0, keepdim=True)  # (B, H) or (1, H): broadcast
-    return dx, dh0, tuple(dweights), dh_norms
+    return dx, dh0, tuple(dweights), dhs

@@ -10,12 +10,12 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor
 
+from backprop_ninja.conventions import IGNORE_INDEX
+
 # sequence cross-entropy, as makemore:
 #     loss = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)
 # the mean of -log softmax(logits[b, t])[Y[b, t]] over the n predicted positions, Y[b, t] != -1.
-# makemore pads each word's targets with -1 after its end token: the padding predicts nothing.
-
-IGNORE_INDEX = -1
+# makemore pads each word's targets with -1 (IGNORE_INDEX) after its end token: the padding predicts nothing.
 
 
 class SequenceCrossEntropyCache(NamedTuple):

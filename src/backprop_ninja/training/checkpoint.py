@@ -82,6 +82,7 @@ class RunInfo:
     weight_decay: float = 0.0
     stepper: str | None = None  # the step implementation that ran last: eager, torch or c (training.steppers)
     threads: int | None = None  # the torch threads it ran on
+    clip_grad_norm: float | None = None  # the global gradient norm is clipped to this (None: not clipped)
 
     @property
     def vocab(self) -> Vocabulary:
@@ -96,7 +97,7 @@ class RunInfo:
     def from_json(cls, record: dict, where: Path) -> "RunInfo":
         """Parse run.json's record, checking every field's presence and type."""
         optional = {"average_from": None, "averaged": 0, "optimizer": "sgd", "weight_decay": 0.0,
-                    "stepper": None, "threads": None}
+                    "stepper": None, "threads": None, "clip_grad_norm": None}
         record = optional | record
         expected = {f.name for f in fields(cls)}
         missing = expected - record.keys()
@@ -114,7 +115,7 @@ class RunInfo:
                                ("input_sha256", str), ("averaged", int), ("optimizer", str),
                                ("weight_decay", float)):
                 _check_type(getattr(info, name), kind, name)
-            for name, kind in (("stepper", str), ("threads", int)):
+            for name, kind in (("stepper", str), ("threads", int), ("clip_grad_norm", float)):
                 if getattr(info, name) is not None:
                     _check_type(getattr(info, name), kind, name)
             if info.input is not None:
@@ -123,6 +124,8 @@ class RunInfo:
                 _check_type(info.average_from, float, "average_from")
                 if not 0 <= info.average_from < 1:
                     raise ValueError(f"average_from {info.average_from} is not within [0, 1)")
+            if info.clip_grad_norm is not None and not info.clip_grad_norm > 0:
+                raise ValueError(f"clip_grad_norm {info.clip_grad_norm} is not > 0")
             if info.averaged < 0 or (info.averaged and info.average_from is None):
                 raise ValueError(f"averaged {info.averaged} without a weight average")
             if not 0 <= info.step <= info.steps:

@@ -9,7 +9,11 @@ Three views, as the lecture shows them:
   grad:data ratio grad.std() / data.std();
 - updates: the update:data ratio log10((lr * grad).std() / data.std()) over training. About -3
   (each step changes a weight by a thousandth of its spread) is the lecture's guide line; far
-  above, the step is too large for that weight; far below, it learns too slowly.
+  above, the step is too large for that weight; far below, it learns too slowly;
+- through time (rnn, gru): the norm of dL/dh_t at every step t, and the gradient's gain per step
+  back in time, ||part of dL/dh_t that came from step t+1|| / ||dL/dh_{t+1}||, the geometric mean
+  over the steps. A gain far below 1 vanishes (the early characters learn nothing from the later
+  ones), far above 1 explodes.
 
 The training loop runs a TrainingMonitor as one of its hooks (training.loop.Hook), on the steps it
 is due, with the step's gradients before the update:
@@ -19,7 +23,8 @@ is due, with the step's gradients before the update:
     for warning in monitor(step, Xb, Yb, grads, lr):   # on steps with step % every == 0
         print(warning)
     optimizer.step(model.params, grads, lr)
-    monitor.write_plots(run_dir)   # activations.png, gradients.png, update-ratio.png
+    monitor.write_plots(run_dir)   # activations.png, gradients.png, update-ratio.png,
+                                   # gradients-through-time.png for a recurrent model
 
 The tanh outputs are read from the Tanh layers' caches of the step's own forward pass, so nothing
 is recomputed. Plots are drawn by plots.save_figure (an Agg canvas: no pyplot, no global backend
@@ -28,6 +33,7 @@ state) and written atomically.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -37,8 +43,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from backprop_ninja.files import atomic_write
 from backprop_ninja.models import Model
-from backprop_ninja.nn import Tanh
+from backprop_ninja.nn import Recurrent, Tanh
 from backprop_ninja.training.plots import save_figure
 
 SATURATION_THRESHOLD = 0.97  # |tanh| above this is on the flat tail: 1 - t**2 < 0.06
@@ -51,8 +58,14 @@ UPDATE_RATIO_GUIDE = -3.0  # log10 of the update:data ratio the lecture aims for
 # runs of the registry models leave that (wavenet's output layer starts near -1.4, its weights being
 # scaled down 10x; the embedding drops to -4.2 when lr decays 10x), while an lr 10x off leaves this.
 UPDATE_RATIO_BAND = (-4.5, -1.0)
+# The gradient's gain per step back in time that is too small or too large. Healthy rnn and gru
+# runs of names.txt sit at 0.3-0.8 from the first steps on (docs/models.md). At 0.1 a gradient is
+# a thousandth of itself three characters back: the model cannot learn from more than a couple
+# of characters of context; at 2 it grows 30,000x across a block of 16 and the steps blow up.
+THROUGH_TIME_GAIN_BAND = (0.1, 2.0)
 WARN_AFTER = 5  # a condition must hold at this many consecutive records before it warns
 HISTOGRAM_BINS = 100
+DIAGNOSTICS_FILE = "diagnostics.json"  # every record, written with the plots
 
 
 class TanhStats(NamedTuple):
@@ -65,6 +78,27 @@ class WeightStats(NamedTuple):
     grad_mean: float
     grad_std: float
     grad_to_data: float  # grad.std() / data.std()
+
+
+class ThroughTime(NamedTuple):
+    norms: list[float]  # ||dL/dh_t|| for t = 0..T-1, over the batch and the features
+    gain: float  # geometric mean over t of ||dL/dh_t - dout_t|| / ||dL/dh_{t+1}||; NaN without a step back
+
+
+def through_time(layer: Recurrent) -> ThroughTime:
+    """The gradient through time of a recurrent layer's last backward pass."""
+    dh, dout = layer.dh, layer.dout  # (B, T, H), (B, T, H)
+    norms = torch.linalg.vector_norm(dh, dim=(0, 2))  # (T,)
+    carried = torch.linalg.vector_norm(dh[:, :-1] - dout[:, :-1], dim=(0, 2))  # (T-1,) from step t+1
+    after = norms[1:]  # (T-1,) ||dL/dh_{t+1}||; 0 past the batch's longest word
+    reached = after > 0
+    gain = (carried[reached] / after[reached]).log().mean().exp().item() if bool(reached.any()) else math.nan
+    return ThroughTime(norms.tolist(), gain)
+
+
+def recurrent_layers(model: Model) -> dict[str, Recurrent]:
+    return {f"layer {i} ({type(layer).__name__})": layer for i, layer in enumerate(model.net.layers)
+            if isinstance(layer, Recurrent) and hasattr(layer, "dh")}
 
 
 def tanh_stats(t: Tensor) -> TanhStats:
@@ -102,16 +136,18 @@ class Record(NamedTuple):
     tanh: dict[str, TanhStats]  # 'layer 4 (Tanh)' -> stats
     weights: dict[str, WeightStats]  # weight name -> stats of its gradient
     update_log10: dict[str, float]  # weight name -> log10 update:data ratio
+    through_time: dict[str, ThroughTime] = {}  # 'layer 1 (RNN)' -> its gradient through time
 
 
 def record(model: Model, step: int, grads: dict[str, Tensor], lr: float) -> Record:
-    """The three views at this step, from the last forward pass and the given gradients."""
+    """The views at this step, from the last forward and backward pass and the given gradients."""
     ws = weights(model)
     return Record(
         step,
         {name: tanh_stats(t) for name, t in tanh_outputs(model).items()},
         {name: weight_stats(p, grads[name]) for name, p in ws.items()},
         {name: update_ratio_log10(p, grads[name], lr) for name, p in ws.items()},
+        {name: through_time(layer) for name, layer in recurrent_layers(model).items()},
     )
 
 
@@ -126,6 +162,9 @@ def format_record(rec: Record, model: Model | None = None) -> str:
             f"weight {shape}{name:8s} | mean {s.grad_mean:+e} | std {s.grad_std:e} "
             f"| grad:data ratio {s.grad_to_data:e} | update:data log10 {rec.update_log10[name]:+.2f}"
         )
+    for name, tt in rec.through_time.items():
+        norms = " ".join(f"{n:.1e}" for n in tt.norms)
+        lines.append(f"{name}: ||dL/dh_t|| for t = 0..{len(tt.norms) - 1}: {norms}; gain per step back {tt.gain:.2f}")
     return "\n".join(lines)
 
 
@@ -194,11 +233,38 @@ class TrainingMonitor:
                     f"warning: {name} update:data ratio 10^{logs[-1]:.1f} over {steps}, "
                     f"far from the guide 10^{UPDATE_RATIO_GUIDE:.0f}; the steps are {side}"
                 )
+        low, high = THROUGH_TIME_GAIN_BAND
+        for name in recent[-1].through_time:
+            gains = [r.through_time[name].gain for r in recent if name in r.through_time]
+            if len(gains) < WARN_AFTER:
+                continue
+            if max(gains) < low or min(gains) > high:  # NaN compares false: no warning on it
+                vanishes = max(gains) < low
+                what = ("vanishes: the early characters learn almost nothing from the later ones" if vanishes
+                        else "explodes: clip it (--clip-grad-norm) or lower the learning rate")
+                found[f"through-time:{name}"] = (
+                    f"warning: {name}: the gradient through time {what}; it is multiplied by {gains[-1]:.2g} "
+                    f"per step back over {steps} (healthy: {low:g}-{high:g})"
+                )
         return found
 
     def summary(self) -> str:
         """The latest record in the lecture's format ('' before the first record)."""
         return format_record(self.records[-1], self.model) if self.records else ""
+
+    def write_records(self, run_dir: str | os.PathLike) -> Path:
+        """Write every record as JSON into run_dir/diagnostics.json (atomically); its path."""
+        def as_json(rec: Record) -> dict:
+            return {"step": rec.step, "tanh": {k: v._asdict() for k, v in rec.tanh.items()},
+                    "weights": {k: v._asdict() for k, v in rec.weights.items()},
+                    "update_log10": rec.update_log10,
+                    "through_time": {k: v._asdict() for k, v in rec.through_time.items()}}
+
+        path = Path(run_dir) / DIAGNOSTICS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = _json_safe({"every": self.every, "records": [as_json(r) for r in self.records]})
+        atomic_write(path, json.dumps(record, indent=1, allow_nan=False).encode() + b"\n")
+        return path
 
     def write_plots(self, run_dir: str | os.PathLike) -> list[Path]:
         """Write activations.png, gradients.png and update-ratio.png into run_dir; their paths."""
@@ -220,6 +286,9 @@ class TrainingMonitor:
             save_figure(run_dir / "gradients.png", gradients),
             save_figure(run_dir / "update-ratio.png", lambda fig: _update_lines(fig, self.records)),
         ]
+        if last.through_time:
+            written.append(save_figure(run_dir / "gradients-through-time.png",
+                                       lambda fig: _through_time_lines(fig, self.records)))
         return written
 
 
@@ -247,6 +316,38 @@ def _histograms(fig, tensors: dict[str, Tensor], title: str, legend: Callable[[s
     ax.set_title(title)
     ax.set_ylabel("density")
     ax.legend(fontsize="small")
+
+
+def _json_safe(value):
+    """The value with every NaN or infinite float as None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+THROUGH_TIME_CURVES = 5  # records drawn, spread evenly from the first to the last
+
+
+def _through_time_lines(fig, records: list[Record]) -> None:
+    """||dL/dh_t|| against t, one curve per chosen record, for each recurrent layer."""
+    names = list(records[-1].through_time)
+    picks = sorted({round(i * (len(records) - 1) / max(THROUGH_TIME_CURVES - 1, 1)) for i in range(THROUGH_TIME_CURVES)})
+    for k, name in enumerate(names, start=1):
+        ax = fig.add_subplot(1, len(names), k)
+        for i in picks:
+            tt = records[i].through_time.get(name)
+            if tt is None:
+                continue
+            ax.semilogy(range(len(tt.norms)), [n if n > 0 else math.nan for n in tt.norms],
+                        marker=".", label=f"step {records[i].step}: gain {tt.gain:.2f}/step")
+        ax.set_title(f"{name}: gradient through time")
+        ax.set_xlabel("t (position in the word)")
+        ax.set_ylabel("||dL/dh_t||")
+        ax.legend(fontsize="small")
 
 
 def _update_lines(fig, records: list[Record]) -> None:

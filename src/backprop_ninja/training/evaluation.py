@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from backprop_ninja.conventions import IGNORE_INDEX
 from backprop_ninja.data import Dataset, distinct_contexts, load_dataset, resolve_names
 from backprop_ninja.models import Model
 
@@ -23,9 +24,11 @@ class RunData(NamedTuple):
     sha256: str
 
 
-def load_run_data(input_path: str | None, block_size: int, vocab=None) -> RunData:
+def load_run_data(input_path: str | None, block_size: int | None, vocab=None, view: str = "windows",
+                  max_word_length: int | None = None) -> RunData:
     path = Path(input_path).resolve() if input_path else resolve_names()
-    dataset = load_dataset(path, block_size, vocab=vocab)
+    limit = {} if max_word_length is None else {"max_word_length": max_word_length}
+    dataset = load_dataset(path, block_size, vocab=vocab, view=view, **limit)
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     return RunData(dataset, str(path) if input_path else None, sha256)
 
@@ -43,12 +46,28 @@ def evaluate(model: Model, dataset: Dataset) -> dict[str, float | None]:
         if X.shape[0] == 0:
             result[name] = None
             continue
+        if model.view == "sequences":
+            result[name] = sequence_loss(model, X, Y)
+            continue
         contexts = distinct_contexts(X)
         logprobs = torch.cat([F.log_softmax(model.logits(rows.to(device)), dim=1)  # (chunk, V)
                               for rows in contexts.rows.split(EVAL_CHUNK)])  # (U, V)
         nll = -logprobs[contexts.index.to(device), Y.to(device)]  # (N,)
         result[name] = nll.double().sum().item() / X.shape[0]
     return result
+
+
+def sequence_loss(model: Model, X: torch.Tensor, Y: torch.Tensor) -> float:
+    """Mean cross-entropy over the predicted characters of whole words (Y != -1), EVAL_CHUNK words at a time."""
+    device = model.device
+    total, count = 0.0, 0
+    for Xc, Yc in zip(X.split(EVAL_CHUNK), Y.split(EVAL_CHUNK)):
+        logits = model.logits(Xc.to(device))  # (chunk, T, V)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Yc.to(device).reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="sum")  # ()
+        total += nll.double().item()
+        count += int((Yc != IGNORE_INDEX).sum())
+    return total / count
 
 
 def format_losses(losses: dict[str, float | None]) -> str:

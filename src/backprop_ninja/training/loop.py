@@ -26,7 +26,7 @@ from torch import Tensor
 from backprop_ninja.checking.verify import first_disagreement
 from backprop_ninja.errors import UserError
 from backprop_ninja.models import Model
-from backprop_ninja.optim import Optimizer
+from backprop_ninja.optim import Optimizer, clip_grad_norm
 from backprop_ninja.training.averaging import SNAPSHOT_EVERY, WeightAverage
 from backprop_ninja.training.progress import Progress
 from backprop_ninja.training.signals import StopFlag
@@ -95,6 +95,7 @@ def train_steps(
     progress: Progress | None = None,
     stop: StopFlag | None = None,
     average: WeightAverage | None = None,
+    clip: float | None = None,
 ) -> int:
     """Train from start_step up to len(losses); return the step reached (less on a stop request).
 
@@ -138,6 +139,8 @@ def train_steps(
                 else:
                     loss, grads = model.loss_and_grads(Xb, Yb)  # 1
                     _run_hooks(due, step, Xb, Yb, grads, lr, progress)  # 2
+                    if clip is not None:
+                        grads, _ = clip_grad_norm(grads, clip)
                     optimizer.step(model.params, grads, lr)  # 3
                     losses[step] = loss
                 step += 1

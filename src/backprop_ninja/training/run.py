@@ -41,7 +41,7 @@ def train(options: TrainOptions) -> Trained:
     saved_step = info.step if options.resume else None
 
     threads = threads_for(info.batch_size, info.config.hidden_width)
-    fused = steppers.choose(model, optimizer, info.batch_size, fast=not options.eager)
+    fused = steppers.choose(model, optimizer, info.batch_size, fast=not options.eager and info.clip_grad_norm is None)
     info = replace(info, stepper=steppers.step_name(fused), threads=threads)
     if resumed_from is not None and resumed_from.stepper is not None and (
             (resumed_from.stepper, resumed_from.threads) != (info.stepper, info.threads)):
@@ -64,7 +64,8 @@ def train(options: TrainOptions) -> Trained:
     try:
         with sigint_requests_stop() as stop, torch_threads(threads):
             step = train_steps(model, optimizer, fused, X, Y, g, losses, schedule, info.batch_size, info.step,
-                               hooks=hooks, save=save, progress=progress, stop=stop, average=average)
+                               hooks=hooks, save=save, progress=progress, stop=stop, average=average,
+                               clip=info.clip_grad_norm)
             if step < info.steps:  # Ctrl-C: the losses up to `step` were checked by train_steps
                 save(step)
                 progress.close()
@@ -88,7 +89,9 @@ def train(options: TrainOptions) -> Trained:
 
 
 def write_plots(run_dir: Path, losses, monitor: TrainingMonitor) -> None:
-    """loss.png, and the diagnostics' activations.png, gradients.png and update-ratio.png."""
+    """loss.png, the diagnostics' activations.png, gradients.png and update-ratio.png (and
+    gradients-through-time.png for a recurrent model), and their records in diagnostics.json."""
     with sigint_deferred():
         write_loss_plot(losses.cpu(), run_dir / "loss.png")
         monitor.write_plots(run_dir)
+        monitor.write_records(run_dir)

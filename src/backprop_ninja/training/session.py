@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -25,7 +26,6 @@ from backprop_ninja.training.evaluation import RunData, load_run_data
 
 DEFAULT_MODEL = "mlp"
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_OPTIMIZER = "sgd"
 # per optimizer: (learning rate, weight decay). SGD's are the lecture's (lr / 10 after the recipe's
 # decay point); AdamW's makemore's.
 OPTIMIZER_DEFAULTS = {"sgd": (0.1, 0.0), "adamw": (5e-4, 0.01)}
@@ -49,6 +49,8 @@ class TrainOptions:
     seed: int | None = None
     optimizer: str | None = None
     weight_decay: float | None = None
+    clip_grad_norm: float | None = None
+    max_word_length: int | None = None
     device: str = "cpu"
     average_from: float | None = None
     no_average: bool = False
@@ -77,16 +79,19 @@ def start(options: TrainOptions, device: torch.device) -> Run:
     """A new run: the model's defaults, overridden by the options given."""
     model_name = options.model or DEFAULT_MODEL
     spec = get_spec(model_name)
-    block_size = options.block_size or spec.block_size
-    data = load_run_data(options.input, block_size)
+    if options.max_word_length is not None and spec.view != "sequences":
+        raise UserError(f"--max-word-length limits the models that read whole words; {model_name} reads "
+                        f"windows of --block-size characters, and any word length")
+    data = load_run_data(options.input, options.block_size or spec.block_size, view=spec.view,
+                         max_word_length=options.max_word_length)
     check_trainable(data)
     ds = data.dataset
-    config = spec.config(ds.vocab.size, block_size=block_size, n_embd=options.embd, n_hidden=options.hidden)
+    config = spec.config(ds.vocab.size, block_size=ds.block_size, n_embd=options.embd, n_hidden=options.hidden)
     seed = LECTURE_SEED if options.seed is None else options.seed
     g = torch.Generator().manual_seed(seed)
     model = build_model(config, g).to(device)
     steps = options.steps or spec.steps
-    optimizer_name = options.optimizer or DEFAULT_OPTIMIZER
+    optimizer_name = options.optimizer or spec.optimizer
     default_lr, default_decay = OPTIMIZER_DEFAULTS[optimizer_name]
     info = RunInfo(
         config=config, chars=ds.vocab.chars, input=data.input, input_sha256=data.sha256,
@@ -97,6 +102,7 @@ def start(options: TrainOptions, device: torch.device) -> Run:
                                                       else options.average_from),
         optimizer=optimizer_name,
         weight_decay=default_decay if options.weight_decay is None else options.weight_decay,
+        clip_grad_norm=options.clip_grad_norm,
     )
     losses = torch.full((steps,), math.nan, device=device)  # (steps,)
     optimizer = make_optimizer(info.optimizer, model.params, weight_decay=info.weight_decay)
@@ -123,6 +129,7 @@ def resume(options: TrainOptions, device: torch.device) -> Run:
         "--seed": (options.seed, info.seed), "--batch-size": (options.batch_size, info.batch_size),
         "--lr": (options.lr, info.lr), "--average-from": (options.average_from, info.average_from),
         "--optimizer": (options.optimizer, info.optimizer), "--weight-decay": (options.weight_decay, info.weight_decay),
+        "--clip-grad-norm": (options.clip_grad_norm, info.clip_grad_norm),
     }
     if options.no_average and info.average_from is not None:
         raise UserError(f"--no-average: the run in {run_dir} averages its weights from {info.average_from} of its "
@@ -134,7 +141,8 @@ def resume(options: TrainOptions, device: torch.device) -> Run:
     steps = options.steps or info.steps
     if steps < info.step:
         raise UserError(f"--steps {steps}: the run in {run_dir} is already at step {info.step}")
-    data = load_run_data(options.input or info.input, config.block_size, vocab=info.vocab)
+    data = load_run_data(options.input or info.input, config.block_size, vocab=info.vocab,
+                         view=ckpt.model.view)
     if data.sha256 != info.input_sha256:
         where = options.input or info.input or "the names data set"
         raise UserError(f"{where} is not the word list the run in {run_dir} was trained on (its sha256 differs)")
@@ -147,10 +155,14 @@ def resume(options: TrainOptions, device: torch.device) -> Run:
         info, mean = replace(info, averaged=0), None
     info = replace(info, steps=steps, input=data.input)
     optimizer = make_optimizer(info.optimizer, ckpt.model.params, weight_decay=info.weight_decay)
-    try:
-        optimizer.load_state_dict(ckpt.optimizer_state)
-    except ValueError as err:
-        raise UserError(f"{run_dir}: the optimizer state does not fit {info.optimizer} ({err})") from None
+    if ckpt.optimizer_state or not optimizer.state_dict():
+        try:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        except ValueError as err:
+            raise UserError(f"{run_dir}: the optimizer state does not fit {info.optimizer} ({err})") from None
+    else:  # a run saved without it (makemore's --resume keeps only the model, too)
+        print(f"note: {run_dir} has no {info.optimizer} state (a run saved without it): the optimizer restarts "
+              f"at step {info.step} with fresh moments; the model and the batches continue", file=sys.stderr)
     return Run(ckpt.model, optimizer, info, g, losses, data, weight_average(info, mean), resumed_from)
 
 
@@ -158,5 +170,6 @@ def check_trainable(data: RunData) -> None:
     n_train = data.dataset.train.X.shape[0]
     if n_train < 2:  # BatchNorm's unbiased variance needs two examples, in a batch and at calibration
         where = data.input or "the names data set"
-        raise UserError(f"{where}: too few words: the training split (80%) has {n_train} examples, "
-                        "BatchNorm needs at least 2")
+        what = "words" if data.dataset.view == "sequences" else "examples"
+        raise UserError(f"{where}: too few words: the training split (80%) has {n_train} {what}, "
+                        "a batch needs at least 2")

@@ -1,0 +1,101 @@
+"""Layers of the sequence models (makemore's bigram, rnn, gru, bow): each reads (B, T, ...) and keeps
+the positions apart where it must.
+
+    PositionEmbedding   x + P[:T], one learned vector per position
+    CausalBoW           each position averages itself and the positions before it
+    RNN, GRU            a learned start state, then the cell over every position (ops.recurrent)
+
+RNN and GRU also keep, after a backward pass, dL/dh_t of every step (`dh`, (B, T, H)) and the
+part of it that came from the step's own output (`dout`): the training diagnostics plot its norm
+through time, and `check --model` prints a row per step
+(`inner_outputs` and `inner_grads`), so a backpropagation-through-time bug shows where it enters.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from backprop_ninja import ops
+from backprop_ninja.nn.layers import Layer
+
+
+class PositionEmbedding(Layer):
+    """out = x + P[:T]: (B, T, E) -> (B, T, E)."""
+
+    def __init__(self, table: Tensor, name: str = "P") -> None:
+        super().__init__()
+        self.name = name
+        self.params = {name: table}
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, self.cache = ops.position_embedding_forward(x, self.params[self.name])  # (B, T, E)
+        return out
+
+    def backward(self, dout: Tensor) -> Tensor:
+        dx, dtable = ops.position_embedding_backward(dout, self.cache)  # (B, T, E), (T_max, E)
+        self.grads = {self.name: dtable}
+        return dx
+
+
+class CausalBoW(Layer):
+    """out[:, t] = x[:, :t+1].mean(1): (B, T, E) -> (B, T, E)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, self.cache = ops.causal_bow_forward(x)  # (B, T, E)
+        return out
+
+    def backward(self, dout: Tensor) -> Tensor:
+        return ops.causal_bow_backward(dout, self.cache)  # (B, T, E)
+
+    def __repr__(self) -> str:
+        return "CausalBoW()"
+
+
+class Recurrent(Layer):
+    """A recurrent cell over every position from a learned (1, H) start state: (B, T, E) -> (B, T, H).
+
+    Parameter names: the start state's, then the cell's weights and biases in the op's order.
+    """
+
+    forward_op = staticmethod(ops.rnn_forward)
+    backward_op = staticmethod(ops.rnn_backward)
+
+    def __init__(self, start: Tensor, weights: dict[str, Tensor], start_name: str = "start") -> None:
+        super().__init__()
+        self.start_name = start_name
+        self.params = {start_name: start, **weights}
+
+    def forward(self, x: Tensor) -> Tensor:
+        start, *weights = self.params.values()
+        out, self.cache = self.forward_op(x, start, *weights)  # (B, T, H)
+        return out
+
+    def backward(self, dout: Tensor) -> Tensor:
+        dx, dstart, *dweights, self.dh = self.backward_op(dout, self.cache)  # (B, T, E), (1, H), ..., (B, T, H)
+        self.dout = dout  # (B, T, H) the part of dh that came from each step's own output
+        self.grads = dict(zip(self.params, [dstart, *dweights]))
+        return dx
+
+    def inner_outputs(self) -> dict[str, Tensor]:
+        """h_t of every step of the last forward pass, last step first (backward order)."""
+        states = self.cache.states
+        return {f"h[{t}]": states[t] for t in reversed(range(len(states)))}
+
+    def inner_grads(self) -> dict[str, Tensor]:
+        """dL/dh_t of every step of the last backward pass, keyed as inner_outputs."""
+        return {f"h[{t}]": self.dh[:, t] for t in reversed(range(self.dh.shape[1]))}
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.params.items())
+        return f"{type(self).__name__}({names})"
+
+
+class RNN(Recurrent):
+    """makemore's RNN cell: h_t = tanh([x_t, h_{t-1}] @ W + b)."""
+
+
+class GRU(Recurrent):
+    """makemore's GRU cell (ops.recurrent): reset and update gates, a candidate state, their blend."""
+
+    forward_op = staticmethod(ops.gru_forward)
+    backward_op = staticmethod(ops.gru_backward)
