@@ -315,7 +315,8 @@ def _histograms(fig, tensors: dict[str, Tensor], title: str, legend: Callable[[s
         ax.plot(centers.numpy(), density.numpy(), label=legend(name))
     ax.set_title(title)
     ax.set_ylabel("density")
-    ax.legend(fontsize="small")
+    if tensors:  # a model without tanh layers (e.g. the rnn, whose tanh is inside its cell) has none
+        ax.legend(fontsize="small")
 
 
 def _json_safe(value):
@@ -347,7 +348,8 @@ def _through_time_lines(fig, records: list[Record]) -> None:
         ax.set_title(f"{name}: gradient through time")
         ax.set_xlabel("t (position in the word)")
         ax.set_ylabel("||dL/dh_t||")
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
 
 
 def _update_lines(fig, records: list[Record]) -> None:
