@@ -390,3 +390,18 @@ def test_every_sequence_model_is_in_the_registry_with_adamw():
     assert {"bigram", "rnn", "gru", "bow"} <= set(SEQUENCE_MODELS)
     assert build_sequences(["ab"], Vocabulary(("a", "b")), 3).Y.tolist() == [[1, 2, 0]]
     assert build_dataset(["ab"], Vocabulary(("a", "b")), 1).Y.tolist() == [1, 2, 0]
+
+
+def test_the_update_ratio_is_of_the_update_adamw_made(ds):
+    """AdamW's step is lr * m / sqrt(v), about lr per entry, not lr * grad: the record says what changed."""
+    model = small("rnn", ds)
+    monitor = diagnostics.TrainingMonitor(model, every=1)
+    before = {k: p.clone() for k, p in model.params.items()}
+    losses = torch.full((1,), math.nan)
+    loop.train_steps(model, AdamW(model.params), None, *ds.train, torch.Generator().manual_seed(0), losses,
+                     loop.Schedule(5e-4, 1), 4, 0, hooks=[monitor])
+    recorded = monitor.records[0].update_log10["W"]
+    change = model.params["W"] - before["W"]
+    assert recorded == pytest.approx(math.log10(change.std().item() / before["W"].std().item()), abs=1e-4)
+    grad_based = diagnostics.update_ratio_log10(before["W"], monitor.last_grads["W"], 5e-4)
+    assert abs(recorded - grad_based) > 1  # AdamW's first step is ~lr per entry, the gradient far smaller

@@ -7,7 +7,8 @@ Three views, as the lecture shows them:
   saturated: 20.25%`;
 - gradients: for each weight (the 2-D parameters) the gradient's mean and std and the
   grad:data ratio grad.std() / data.std();
-- updates: the update:data ratio log10((lr * grad).std() / data.std()) over training. About -3
+- updates: the update:data ratio log10(update.std() / data.std()) over training, of the update the
+  optimizer really made (after_update; lr * grad for plain SGD, AdamW's own step for AdamW). About -3
   (each step changes a weight by a thousandth of its spread) is the lecture's guide line; far
   above, the step is too large for that weight; far below, it learns too slowly;
 - through time (rnn, gru): the norm of dL/dh_t at every step t, and the gradient's gain per step
@@ -195,7 +196,22 @@ class TrainingMonitor:
         self.records.append(record(self.model, step, grads, lr))
         self.last_tanh = {k: t.detach().clone() for k, t in tanh_outputs(self.model).items()}
         self.last_grads = {k: grads[k].detach().clone() for k in weights(self.model)}
-        new = {key: text for key, text in self._conditions().items() if key not in self._warned}
+        self._before = {k: p.detach().clone() for k, p in weights(self.model).items()}
+        return self._new_warnings(lambda key: not key.startswith("update:"))
+
+    def after_update(self, step: int, params: dict[str, Tensor]) -> list[str]:
+        """Stage 3 done: the update:data ratios of this step's record from what the update really
+        changed (AdamW's normalised step, weight decay, clipping; for plain SGD, lr * grad), and
+        the warnings on them."""
+        if not self.due(step) or not self.records or self.records[-1].step != step:
+            return []
+        actual = {name: update_ratio_log10(self._before[name], params[name] - self._before[name], 1.0)
+                  for name in self._before}
+        self.records[-1] = self.records[-1]._replace(update_log10=actual)
+        return self._new_warnings(lambda key: key.startswith("update:"))
+
+    def _new_warnings(self, wanted: Callable[[str], bool]) -> list[str]:
+        new = {key: text for key, text in self._conditions().items() if wanted(key) and key not in self._warned}
         self._warned.update(new)
         return list(new.values())
 

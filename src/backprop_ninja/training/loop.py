@@ -50,7 +50,8 @@ class Hook(Protocol):
     every: int
 
     def __call__(self, step: int, Xb: Tensor, Yb: Tensor, grads: dict[str, Tensor], lr: float) -> list[str]:
-        """May raise TrainingStopped; returns warning lines to show (usually none)."""
+        """May raise TrainingStopped; returns warning lines to show (usually none). A hook may also
+        have after_update(step, params) -> list[str], called on the same steps after stage 3."""
         ...
 
 
@@ -136,12 +137,14 @@ def train_steps(
                         _, grads = model.loss_and_grads(Xb, Yb)
                     _run_hooks(due, step, Xb, Yb, grads, lr, progress)
                     losses[step] = fused.step(Xb, Yb, lr)
+                    _run_after_update(due, step, model.params, progress)
                 else:
                     loss, grads = model.loss_and_grads(Xb, Yb)  # 1
                     _run_hooks(due, step, Xb, Yb, grads, lr, progress)  # 2
                     if clip is not None:
                         grads, _ = clip_grad_norm(grads, clip)
                     optimizer.step(model.params, grads, lr)  # 3
+                    _run_after_update(due, step, model.params, progress)
                     losses[step] = loss
                 step += 1
             if step < end:  # stopped early: leave the generator where the steps done have left it
@@ -163,6 +166,13 @@ def _run_hooks(due: list[Hook], step: int, Xb: Tensor, Yb: Tensor, grads: dict[s
                progress: Progress | None) -> None:
     for hook in due:
         for warning in hook(step, Xb, Yb, grads, lr):
+            (progress.write if progress is not None else print)(warning)
+
+
+def _run_after_update(due: list[Hook], step: int, params: dict[str, Tensor], progress: Progress | None) -> None:
+    """The hooks that look at what the update did (Hook.after_update, optional)."""
+    for hook in due:
+        for warning in getattr(hook, "after_update", lambda step, params: [])(step, params):
             (progress.write if progress is not None else print)(warning)
 
 
