@@ -1,8 +1,10 @@
-"""The package's one compiled part: the C training step (src/backprop_ninja/training/mlp_step.c).
+"""The package's compiled parts: the C training steps (src/backprop_ninja/training/mlp_step.c, the
+lecture MLP's, and stack_step.c, the deep MLP's and the wavenet's), sharing step_kernels.h.
 
-Everything else is declared in pyproject.toml. The step is an optional extension: where no C
-compiler is found the install still succeeds, and `train` uses the torch path (training/kernel.py).
-The library is plain C, loaded with ctypes: it needs neither torch's nor Python's headers.
+Everything else is declared in pyproject.toml. Each step is an optional extension: where no C
+compiler is found the install still succeeds, and `train` uses the torch path (training/kernel.py,
+training/stack_kernel.py). The libraries are plain C, loaded with ctypes: they need neither torch's
+nor Python's headers.
 """
 
 import platform
@@ -18,9 +20,14 @@ FLAGS = [] if sys.platform == "win32" else ["-O3", "-fno-trapping-math", "-Wno-p
 if FLAGS and platform.machine().lower() in ("x86_64", "amd64"):
     FLAGS.append("-mprefer-vector-width=512")
 
+HERE = "src/backprop_ninja/training"
+SHARED = [f"{HERE}/step_kernels.h"]
+
 setup(
     ext_modules=[
-        Extension("backprop_ninja.training._mlp_step", ["src/backprop_ninja/training/mlp_step.c"], extra_compile_args=FLAGS,
-                  optional=True),
+        Extension("backprop_ninja.training._mlp_step", [f"{HERE}/mlp_step.c"], depends=SHARED,
+                  extra_compile_args=FLAGS, optional=True),
+        Extension("backprop_ninja.training._stack_step", [f"{HERE}/stack_step.c"], depends=SHARED,
+                  extra_compile_args=FLAGS, optional=True),
     ],
 )

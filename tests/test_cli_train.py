@@ -273,7 +273,7 @@ def test_ctrl_c_saves_a_checkpoint_says_where_and_exits_130(write_words, tmp_pat
     (["--lr", "abc"], "--lr: expected a number, got 'abc'"),
     (["--average-from", "1"], "--average-from: must be a fraction of the steps, 0 <= F < 1"),
     (["--average-from", "0.5", "--no-average"], "--no-average: not allowed with argument --average-from"),
-    (["--model", "transformer"], "unknown model 'transformer'"),
+    (["--model", "gpt-5"], "unknown model 'gpt-5'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_bad_train_options_are_refused_before_anything_is_written(capsys, write_words, tmp_path, argv, fragment):

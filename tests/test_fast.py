@@ -11,6 +11,7 @@ from backprop_ninja import bench
 from backprop_ninja.cli import main
 from backprop_ninja.data import load_dataset
 from backprop_ninja.models import MLPConfig, build_model
+from backprop_ninja.nn import Layer
 from backprop_ninja.optim import SGD
 from backprop_ninja.training import checkpoint, steppers
 from backprop_ninja.training.fused import FastMLPStepper
@@ -133,11 +134,11 @@ def test_fast_step_leaves_the_thread_setting_as_it_found_it(dataset):
     assert torch.get_num_threads() == 2
 
 
-def test_only_the_lecture_mlp_gets_a_fast_stepper():
+def test_only_the_lecture_mlp_gets_the_lecture_mlps_fast_steppers():
     g = torch.Generator().manual_seed(0)
     deep = build_model(MLPConfig("deep-mlp", 27, block_size=3, n_embd=4, n_hidden=9), g)
-    assert steppers.fused_supports(deep, SGD(deep.params)) == "the model is not the lecture MLP"
-    assert steppers.choose(deep, SGD(deep.params), BATCH) is None  # the three-stage step
+    # the deep MLP has a fused step of its own (stack_kernel, tests/test_stack_step.py), not these
+    assert not isinstance(steppers.choose(deep, SGD(deep.params), BATCH), (KernelMLPStepper, FastMLPStepper))
     assert make_kernel_stepper(deep, BATCH) is None
     lecture = mlp(27)
     assert steppers.fused_supports(lecture, SGD(lecture.params)) is None
@@ -148,15 +149,23 @@ def test_only_the_lecture_mlp_gets_a_fast_stepper():
     assert steppers.choose(lecture, SGD(lecture.params), BATCH, fast=False) is None
 
 
+class Identity(Layer):
+    def forward(self, x):
+        return x
+
+    def backward(self, dout):
+        return dout
+
+
 def test_choose_takes_the_three_stage_step_where_no_fused_step_applies():
     g = torch.Generator().manual_seed(0)
     lecture = mlp(27)
     assert steppers.choose(lecture, SGD(lecture.params), BATCH) is not None  # the case that does fuse
-    # not the lecture MLP: makemore part 3's deep MLP and part 5's wavenet
-    for config in [MLPConfig("deep-mlp", 27, block_size=3, n_embd=4, n_hidden=9),
-                   MLPConfig("wavenet", 27, block_size=8, n_embd=4, n_hidden=9)]:
-        other = build_model(config, g)
-        assert steppers.choose(other, SGD(other.params), BATCH) is None, config.model
+    # a layer no fused step computes (the stack models' own cases: tests/test_stack_step.py)
+    other = build_model(MLPConfig("deep-mlp", 27, block_size=3, n_embd=4, n_hidden=9), g)
+    other.net.layers.insert(3, Identity())
+    assert "no C code" in steppers.fused_supports(other, SGD(other.params))
+    assert steppers.choose(other, SGD(other.params), BATCH) is None
     # not asked for a fast step (train --eager)
     assert steppers.choose(lecture, SGD(lecture.params), BATCH, fast=False) is None
     # weight decay: the fused steps fold in a plain SGD update only
@@ -191,7 +200,8 @@ def test_bench_runs_every_loop_at_both_batch_sizes(capsys, monkeypatch):
     assert main(["bench", "--steps", "20", "--large-batch", "64", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     results = [bench.Result(**r) for r in report["results"]]
-    loops = [loop for loop in bench.LOOPS if loop != "c" or kernel_is_fast()]  # C: where train uses it
+    loops = [loop for loop in ("autograd", "eager", "torch", "c") if loop != "c" or kernel_is_fast()]  # C: where train uses it
+    assert bench.loops_for("mlp") == loops
     assert [(r.batch_size, r.loop) for r in results] == [(b, loop) for b in (32, 64) for loop in loops]
     assert all(r.us_per_step > 0 and r.peak_mib >= 0 for r in results)
     assert report["machine"]["logical_cpus"] >= 1
@@ -199,3 +209,15 @@ def test_bench_runs_every_loop_at_both_batch_sizes(capsys, monkeypatch):
     for loop in loops:
         assert table.count(bench.LABELS[loop]) == 2
     assert "the autograd step's time" in table
+
+
+@pytest.mark.parametrize("model", ["deep-mlp", "wavenet"])
+def test_bench_times_a_model_of_the_registry(capsys, monkeypatch, model):
+    monkeypatch.setattr(bench, "measure_in_subprocess", bench.measure)
+    assert main(["bench", "--model", model, "--steps", "6", "--large-batch", "40"]) == 0
+    table = capsys.readouterr().out
+    assert f"model: {model}" in table
+    for loop in bench.loops_for(model):
+        assert table.count(bench.LABELS[loop]) == 2
+    assert table.count("  <- train\n") == 2  # the step train takes, at each batch
+    assert "batch 40: train's step" in table

@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--threads", type=positive_int,
                    help="torch threads for the autograd and eager loops (default: torch's own)")
+    p.add_argument("--model", default="mlp",
+                   help="the model to time, at its default shape (default: the lecture MLP, mlp)")
 
     return parser
 

@@ -8,4 +8,4 @@ from backprop_ninja import bench
 
 
 def run(args: argparse.Namespace) -> int:
-    return bench.main(args.steps, args.large_batch, args.json, args.threads)
+    return bench.main(args.steps, args.large_batch, args.json, args.threads, args.model)

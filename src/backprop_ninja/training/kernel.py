@@ -114,6 +114,7 @@ class KernelMLPStepper:
     """
 
     name = "c"
+    threads = 1  # plain C loops on one thread
 
     def __init__(self, model: Model, batch_size: int) -> None:
         embedding, _, linear1, batchnorm, _, linear2 = model.net.layers

@@ -17,20 +17,7 @@
  * once (`exp64`): correctly rounded floats but for rare double-rounding ties (tests/test_kernel.py).
  */
 
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-/* One copy of each hot function for x86-64 with AVX-512 (x86-64-v4), one with AVX2 and FMA
-   (x86-64-v3), one for any x86-64; the best one the CPU can run is picked once at load time.
-   Elsewhere, one portable copy. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define X86_64_V3_CLONES 1
-#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define X86_64_V3_CLONES 0
-#define CLONED
-#endif
+#include "step_kernels.h"
 
 /* 1 where the step runs its AVX2 copy. The portable copy computes the same step, much slower (its
    8-float vectors are split through the stack; docs/speed.md), so kernel.py leaves the step to torch there. */
@@ -55,124 +42,6 @@ typedef struct {
     float *W2, *b2;                     /* (H, V), (V,) */
     float momentum, eps;
 } MLP;
-
-/* ------------------------------------------------------------------------------------------ */
-/* matrix multiplication, blocked so that the partial sums stay in registers */
-
-/* 8 floats: one AVX2 register. A wider vector than the target has is split by the compiler, but
-   through the stack (docs/speed.md); on AVX-512 hardware 8-wide code is as fast. */
-#define W 8
-typedef float vec __attribute__((vector_size(W * sizeof(float))));
-
-static inline __attribute__((always_inline)) vec loadv(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v);  /* an unaligned load */
-    return v;
-}
-
-/* Rows m..m+3 of out[:, 0:width], width <= 2W: out[m, j] = sum_k A[m * a_row + k * a_col] * Bm[k * ldb + j].
-   The 4 x 2W partial sums stay in 8 registers over the whole sum, each load of Bm serves 4 rows,
-   and 8 independent multiply-adds per k hide each one's latency (docs/speed.md has the rates).
-   Rows past M repeat row M - 1, and are not stored. */
-static inline __attribute__((always_inline)) void block4(int64_t m, int64_t M, int64_t Kd, const float *A, int64_t a_row,
-                                                         int64_t a_col, const float *restrict Bm, int64_t ldb,
-                                                         float *restrict out, int64_t ldo, int64_t width) {
-    const float *a[4];
-    for (int r = 0; r < 4; r++) a[r] = A + (m + r < M ? m + r : M - 1) * a_row;
-    vec acc[4][2] = {{{0}}};
-    for (int64_t k = 0; k < Kd; k++) {
-        const vec b0 = loadv(Bm + k * ldb), b1 = loadv(Bm + k * ldb + W);
-        for (int r = 0; r < 4; r++) {
-            const float x = a[r][k * a_col];
-            acc[r][0] += x * b0;
-            acc[r][1] += x * b1;
-        }
-    }
-    for (int r = 0; r < 4 && m + r < M; r++) {
-        if (width == 2 * W) {
-            memcpy(out + (m + r) * ldo, acc[r], sizeof acc[r]);  /* a constant size: inlined */
-        } else {
-            for (int64_t l = 0; l < width; l++) out[(m + r) * ldo + l] = acc[r][l / W][l % W];
-        }
-    }
-}
-
-/* out[m, j] = sum_k A[m * a_row + k * a_col] * Bm[k * ldb + j] for m < M, j < N, k < Kd (the
-   strides of A let it be read transposed), in blocks of 4 rows and 2W columns. The last, partial
-   block of columns reads a zero-padded copy of its panel of Bm (Kd x 2W floats of `panel`). */
-static inline __attribute__((always_inline)) void matmul(int64_t M, int64_t N, int64_t Kd, const float *A, int64_t a_row,
-                                                         int64_t a_col, const float *restrict Bm, int64_t ldb,
-                                                         float *restrict out, int64_t ldo, float *restrict panel) {
-    int64_t j = 0;
-    for (; j + 2 * W <= N; j += 2 * W)
-        for (int64_t m = 0; m < M; m += 4) block4(m, M, Kd, A, a_row, a_col, Bm + j, ldb, out + j, ldo, 2 * W);
-    const int64_t rest = N - j;
-    if (rest > 0) {
-        memset(panel, 0, Kd * 2 * W * sizeof(float));
-        for (int64_t k = 0; k < Kd; k++) memcpy(panel + k * 2 * W, Bm + k * ldb + j, rest * sizeof(float));
-        for (int64_t m = 0; m < M; m += 4) block4(m, M, Kd, A, a_row, a_col, panel, 2 * W, out + j, ldo, rest);
-    }
-}
-
-/* out[c, r] = in[r, c] for an (R, C) matrix */
-static inline void transpose(int64_t R, int64_t C, const float *restrict in, float *restrict out) {
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t c = 0; c < C; c++) out[c * R + r] = in[r * C + c];
-}
-
-/* exp(y) in float64 for -700 <= y <= 700, to ~1e-15 relative: y = n ln2 + r with |r| <= ln2/2,
-   exp(r) by its Taylor series to r^10 (error < 1e-11 of a float's precision), times 2^n made from
-   the bits of n. No branches and no libm call, so loops over it vectorize. */
-static inline double exp64(double y) {
-    const double shifter = 6755399441055744.0;  /* 1.5 * 2^52: adding it rounds to an integer */
-    double shifted = y * 1.4426950408889634 + shifter;  /* n + shifter, n = round(y / ln2) */
-    double n = shifted - shifter;
-    double r = y - n * 0.6931471805599453;  /* ln2 in two parts (Cody-Waite): r is exact enough */
-    r = r - n * 2.3190468138462996e-17;
-    double p = 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    int64_t bits, shifter_bits;  /* 2^n: the integer n sits in the low bits of `shifted` */
-    memcpy(&bits, &shifted, sizeof bits);
-    memcpy(&shifter_bits, &shifter, sizeof shifter_bits);
-    bits = (int64_t)((uint64_t)(bits - shifter_bits + 1023) << 52);  /* shifted as unsigned: no overflow */
-    double two_to_n;
-    memcpy(&two_to_n, &bits, sizeof two_to_n);
-    return p * two_to_n;
-}
-
-/* tanh(x) = (e^2x - 1) / (e^2x + 1) in float64; near 0, where that cancels, its Taylor series.
-   |x| >= 10 gives +-1 in float32 either way, so x is clamped there to keep e^2x finite. */
-static inline float tanh32(float x32) {
-    double x = x32;
-    x = x > 10.0 ? 10.0 : x;
-    x = x < -10.0 ? -10.0 : x;
-    double x2 = x * x;
-    double e = exp64(2.0 * x);
-    double far = (e - 1.0) / (e + 1.0);
-    double near = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0)));  /* |x| < 1e-4: error < 1e-28 */
-    return (float)(x2 < 1e-8 ? near : far);
-}
-
-static inline void tanh_rows(int64_t n, const float *restrict x, float *restrict out) {
-    for (int64_t i = 0; i < n; i++) out[i] = tanh32(x[i]);
-}
-
-/* exp(x - shift) of each entry, as float */
-static inline void exp_shifted(int64_t n, const float *restrict x, float shift, float *restrict out) {
-    for (int64_t i = 0; i < n; i++) {
-        double y = (double)x[i] - shift;
-        out[i] = (float)exp64(y < -700.0 ? -700.0 : y);
-    }
-}
 
 /* tanh of n floats, the step's own: exported so that tests/test_kernel.py can measure it */
 CLONED void mlp_tanh(int64_t n, const float *restrict x, float *restrict out) { tanh_rows(n, x, out); }

@@ -40,8 +40,9 @@ def train(options: TrainOptions) -> Trained:
     X, Y = data.dataset.train.X.to(device), data.dataset.train.Y.to(device)  # (N, T), (N,)
     saved_step = info.step if options.resume else None
 
-    threads = threads_for(info.batch_size, info.config.hidden_width)
     fused = steppers.choose(model, optimizer, info.batch_size, fast=not options.eager and info.clip_grad_norm is None)
+    # a C step runs on its own one thread; the readable path and the torch step on threads_for's
+    threads = getattr(fused, "threads", None) or threads_for(info.batch_size, info.config.hidden_width)
     info = replace(info, stepper=steppers.step_name(fused), threads=threads)
     if resumed_from is not None and resumed_from.stepper is not None and (
             (resumed_from.stepper, resumed_from.threads) != (info.stepper, info.threads)):

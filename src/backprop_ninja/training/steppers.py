@@ -6,10 +6,12 @@
     optimizer.step(model.params, grads, lr)        # 3. the update (optim)
 
 The readable path runs the three stages. A fused step (the lecture MLP's torch step in fused.py,
-its C step in kernel.py) computes forward, backward and an SGD update in one call, folding the
-update into the backward: nothing can run between them. Each declares what it supports; `choose`
-takes one only where it applies (the lecture MLP, SGD without weight decay, one process), and the
-run records which one ran (run.json's `stepper`), since each rounds differently.
+its C step in kernel.py; the C step of a stack of layers in stack_kernel.py, for deep-mlp and
+wavenet) computes forward, backward and an SGD update in one call, folding the update into the
+backward: nothing can run between them. Each declares what it supports; `choose` takes one only
+where it applies (the lecture MLP or a stack of Embedding, FlattenConsecutive, Linear, BatchNorm1d
+and Tanh layers, SGD without weight decay, one process) and where it is the faster step at the
+batch's work, and the run records which one ran (run.json's `stepper`), since each rounds differently.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from backprop_ninja.models import Model, is_lecture_mlp
 from backprop_ninja.optim import SGD, Optimizer
-from backprop_ninja.training import fused, kernel
+from backprop_ninja.training import fused, kernel, stack_kernel
 
 EAGER = "eager"  # the readable three-stage step
 
@@ -37,9 +39,12 @@ class FusedStep(Protocol):
 
 
 def fused_supports(model: Model, optimizer: Optimizer, processes: int = 1) -> str | None:
-    """Why no fused step applies (None: they do). They compute the lecture MLP with plain SGD, alone."""
+    """Why no fused step applies (None: one does). They compute the lecture MLP, or a stack of layers
+    (stack_kernel.layer_stack: deep-mlp, wavenet), with plain SGD, alone."""
     if not is_lecture_mlp(model):
-        return "the model is not the lecture MLP"
+        stack = stack_kernel.layer_stack(model)
+        if isinstance(stack, str):
+            return f"the model is neither the lecture MLP nor a stack of layers with a C step ({stack})"
     if not isinstance(optimizer, SGD) or optimizer.weight_decay:
         return "the optimizer is not plain SGD"
     if processes != 1:
@@ -48,12 +53,20 @@ def fused_supports(model: Model, optimizer: Optimizer, processes: int = 1) -> st
 
 
 def choose(model: Model, optimizer: Optimizer, batch_size: int, fast: bool = True) -> FusedStep | None:
-    """The fused step `train` uses: the C step where it runs its AVX2 code, else the fused torch
-    step, where they apply and `fast`; None for the three-stage step."""
+    """The fused step `train` uses, where one applies and `fast`; None for the three-stage step.
+
+    The lecture MLP: its C step where it runs its AVX2 code, else the fused torch step. A stack of
+    layers: its C step where it runs its AVX2 code and wins at this batch's work per step
+    (stack_kernel.c_step_wins, from measurements); else the three stages on torch's threads.
+    """
     if not fast or fused_supports(model, optimizer) is not None:
         return None
-    step = kernel.make_kernel_stepper(model, batch_size) if kernel.kernel_is_fast() else None
-    return step or fused.FastMLPStepper(model, batch_size)
+    if is_lecture_mlp(model):
+        step = kernel.make_kernel_stepper(model, batch_size) if kernel.kernel_is_fast() else None
+        return step or fused.FastMLPStepper(model, batch_size)
+    if stack_kernel.stack_kernel_is_fast() and stack_kernel.c_step_wins(model, batch_size):
+        return stack_kernel.make_stack_stepper(model, batch_size)
+    return None
 
 
 def step_name(step: FusedStep | None) -> str:
