@@ -494,3 +494,125 @@ def test_the_checks_fail_on_a_broken_backward(broken, oracle, monkeypatch):
     case = make_case(torch.Generator().manual_seed(80))
     with pytest.raises(AssertionError, match=f"vs {oracle}"):
         assert_gradients(case, oracle)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sequence ops against the step functions chained one position at a time
+#
+# rnn_forward/backward and gru_forward/backward keep only the recurrence in their time loops and run
+# the step backward once over all B*T positions (ops/recurrent.py). The readable path is the step
+# functions chained, written out below; the forward must be it bit for bit (the same products), the
+# backward within the rounding of another summation order, by the package's verdict
+# (checking/verdict.py: ROUNDING_ULPS units in the last place of the gradient's scale, never less
+# than SCALE_FLOOR of the largest gradient), in float64 and in float32.
+
+from backprop_ninja.checking.verdict import gradient_scale, judge, scale_floor  # noqa: E402
+
+STEP_FUNCTIONS = {"rnn": (ops.rnn_step_forward, ops.rnn_step_backward),
+                  "gru": (ops.gru_step_forward, ops.gru_step_backward)}
+# (B, T, E, H): the file's shapes at T = 1, 2 and 5, then odd ones: one example, E < H, H < E, T = 7
+CHAIN_SHAPES = [(B, 1, E, H), (B, 2, E, H), (B, T, E, H), (1, 3, 2, 5), (4, 7, 5, 3)]
+
+
+def chained_steps(kind: str, x: Tensor, h0: Tensor, weights: list[Tensor]):
+    """The step functions over the positions of x from h0, one at a time: the states (B, T, H), each
+    step's h, and the backward through time over the step caches (dx, dh0, the weights', dh)."""
+    step_forward, step_backward = STEP_FUNCTIONS[kind]
+    batch, positions = x.shape[:2]
+    h = h0.expand(batch, -1)  # (B, H)
+    hs, caches = [], []
+    for t in range(positions):
+        h, cache = step_forward(x[:, t], h, *weights)  # (B, H)
+        hs.append(h)
+        caches.append(cache)
+
+    def backward(dout: Tensor) -> list[Tensor]:
+        dxs, dhs, dweights = [None] * positions, [None] * positions, None
+        dh_next = torch.zeros_like(dout[:, 0])  # (B, H) nothing comes after the last step
+        for t in reversed(range(positions)):
+            dh = dout[:, t] + dh_next  # (B, H) dL/dh_t: from the output and from step t+1
+            dhs[t] = dh
+            dxs[t], dh_next, *dstep = step_backward(dh, caches[t])
+            dweights = dstep if dweights is None else [total + d for total, d in zip(dweights, dstep)]
+        dh0 = dh_next if h0.shape[0] == batch else dh_next.sum(0, keepdim=True)  # (B, H) or (1, H)
+        return [torch.stack(dxs, dim=1), dh0, *dweights, torch.stack(dhs, dim=1)]
+
+    return torch.stack(hs, dim=1), hs, caches, backward
+
+
+def sequence_inputs(kind: str, shape: tuple[int, int, int, int], start_rows: int, dtype: torch.dtype, seed: int):
+    batch, positions, width, hidden = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, positions, width), generator=g, dtype=dtype)  # (B, T, E)
+    h0 = torch.randn((start_rows if start_rows == 1 else batch, hidden), generator=g, dtype=dtype) * 0.5
+    weights = []
+    for _ in range(RECURRENCES[kind].pairs):  # W (E+H, H) scaled by 1/sqrt(fan_in): gates not saturated
+        fan_in = width + hidden
+        weights += [torch.randn((fan_in, hidden), generator=g, dtype=dtype) / fan_in**0.5,
+                    torch.randn(hidden, generator=g, dtype=dtype) * 0.5]
+    dout = torch.randn((batch, positions, hidden), generator=g, dtype=dtype)  # (B, T, H)
+    return x, h0, weights, dout
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("start", START_ROWS)
+@pytest.mark.parametrize("shape", CHAIN_SHAPES, ids=[f"B{b}-T{t}-E{e}-H{h}" for b, t, e, h in CHAIN_SHAPES])
+@pytest.mark.parametrize("kind", RECURRENCES)
+def test_the_sequence_ops_equal_the_step_functions_chained(kind, shape, start, dtype):
+    rec = RECURRENCES[kind]
+    x, h0, weights, dout = sequence_inputs(kind, shape, START_ROWS[start], dtype, seed=90 + shape[1])
+    out, cache = rec.forward(x, h0, *weights)
+    chain_out, chain_hs, _, chain_backward = chained_steps(kind, x, h0, weights)
+    assert torch.equal(out, chain_out)  # the same products: bit for bit
+    assert len(cache.states) == shape[1] and all(torch.equal(a, b) for a, b in zip(cache.states, chain_hs))
+
+    mine, references = list(rec.backward(dout, cache)), chain_backward(dout)
+    names = ["x", "h0", *rec.names, "dh"]
+    floor = scale_floor(references)
+    for name, grad, reference in zip(names, mine, references, strict=True):
+        verdict = judge(grad, reference, max(gradient_scale(reference), floor))
+        assert grad.shape == reference.shape and verdict.right, f"d{name}: {verdict}"
+    assert torch.equal(mine[-1][:, -1], dout[:, -1])  # the last step's dL/dh_t: its output's alone
+
+
+@pytest.mark.parametrize("kind", RECURRENCES)
+def test_the_sequence_caches_steps_are_the_step_functions_caches(kind):
+    """cache.steps holds each position's step cache, as the chain makes them: the step backward of
+    each gives what it gives on the chain's own cache, bit for bit."""
+    rec = RECURRENCES[kind]
+    x, h0, weights, dout = sequence_inputs(kind, (B, T, E, H), 1, DOUBLE, seed=97)
+    _, cache = rec.forward(x, h0, *weights)
+    _, _, chain_caches, _ = chained_steps(kind, x, h0, weights)
+    step_backward = STEP_FUNCTIONS[kind][1]
+    assert len(cache.steps) == T
+    for t, (rebuilt, chained) in enumerate(zip(cache.steps, chain_caches)):
+        for a, b in zip(step_backward(dout[:, t], rebuilt), step_backward(dout[:, t], chained), strict=True):
+            assert torch.equal(a, b), f"step {t}"
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence cross-entropy: the scatter formulation against the indexed one, in float32
+
+
+def indexed_sequence_cross_entropy_backward(probs: Tensor, targets: Tensor) -> Tensor:
+    """softmax - one_hot at the predicted positions (found by nonzero), over n; 0 at the ignored ones."""
+    predicted = targets != -1
+    dlogits = probs.clone()
+    b, t = predicted.nonzero(as_tuple=True)
+    dlogits[b, t, targets[b, t]] -= 1
+    dlogits /= int(predicted.sum())
+    dlogits[~predicted] = 0
+    return dlogits
+
+
+def test_sequence_cross_entropy_is_makemores_loss_and_the_indexed_gradient_bit_for_bit():
+    g = torch.Generator().manual_seed(98)
+    logits = torch.randn((32, 16, 27), generator=g) * 3  # makemore's batch, block and vocabulary
+    targets = torch.randint(0, 27, (32, 16), generator=g)
+    targets[torch.arange(16) >= torch.randint(1, 17, (32, 1), generator=g)] = ops.IGNORE_INDEX
+    loss, cache = ops.sequence_cross_entropy_forward(logits, targets)
+    assert torch.equal(loss, F.cross_entropy(logits.view(-1, 27), targets.view(-1), ignore_index=-1))
+    torch.testing.assert_close(cache.probs, logits.softmax(-1))  # float32 defaults: a last-bit difference
+    dlogits = ops.sequence_cross_entropy_backward(cache)
+    assert torch.equal(dlogits, indexed_sequence_cross_entropy_backward(cache.probs, targets))
+    assert not torch.signbit(dlogits[targets == -1]).any()  # +0 exactly at the ignored positions

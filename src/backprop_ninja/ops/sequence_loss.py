@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -35,15 +36,20 @@ def sequence_cross_entropy_forward(logits: Tensor, targets: Tensor) -> tuple[Ten
         raise ValueError(f"sequence cross-entropy takes (B, T, V) logits and (B, T) targets, "
                          f"got {tuple(logits.shape)} and {tuple(targets.shape)}")
     vocab_size = logits.shape[-1]
-    if ((targets < IGNORE_INDEX) | (targets >= vocab_size)).any():
-        raise ValueError(f"targets must be classes in [0, {vocab_size}) or {IGNORE_INDEX} (ignored)")
     predicted = targets != IGNORE_INDEX  # (B, T) bool
     count = int(predicted.sum())
-    if count == 0:
+    if count == 0:  # every target is -1 (a valid class label): nothing to check below
         raise ValueError(f"no predicted character: every target is {IGNORE_INDEX} (ignored), "
                          f"so the mean loss over the predicted characters is undefined")
-    loss = F.cross_entropy(logits.view(-1, vocab_size), targets.view(-1), ignore_index=IGNORE_INDEX)  # ()
-    probs = F.softmax(logits, dim=-1)  # (B, T, V)
+    lowest, highest = torch.aminmax(targets)  # (), () one reduction for both bounds
+    if int(lowest) < IGNORE_INDEX or int(highest) >= vocab_size:
+        raise ValueError(f"targets must be classes in [0, {vocab_size}) or {IGNORE_INDEX} (ignored)")
+    # F.cross_entropy is nll_loss(log_softmax(logits)): written out, so that the softmax is the exp
+    # of the same log_softmax (one pass over the logits fewer than F.softmax; autograd's backward of
+    # cross_entropy uses that exp too). The loss is F.cross_entropy's bit for bit.
+    logprobs = F.log_softmax(logits, dim=-1)  # (B, T, V)
+    loss = F.nll_loss(logprobs.view(-1, vocab_size), targets.view(-1), ignore_index=IGNORE_INDEX)  # ()
+    probs = logprobs.exp()  # (B, T, V) softmax(logits)
     return loss, SequenceCrossEntropyCache(probs, targets, predicted, count)
 
 
@@ -55,11 +61,14 @@ def sequence_cross_entropy_backward(cache: SequenceCrossEntropyCache) -> Tensor:
     that is loss = -sum over predicted (b, t) of log(softmax(logits[b, t])[Y[b, t]]) / n. A predicted
     position gets the row of cross_entropy_backward, softmax(logits) - one_hot(Y), divided by n (the
     predicted characters, not B*T); an ignored one is in no term of the sum and gets exactly 0.
+
+    Without indexing by the predicted positions: -1 is scattered at every row's target (an ignored
+    row's -1 clamped to class 0, where it scatters -0 instead), then every row is divided by n and
+    multiplied by 1 where predicted, 0 where ignored (p / n * 0 = +0: p >= 0).
     """
-    probs, targets, predicted, count = cache
-    dlogits = probs.clone()  # (B, T, V)
-    b, t = predicted.nonzero(as_tuple=True)  # (n,), (n,) the predicted positions
-    dlogits[b, t, targets[b, t]] -= 1
-    dlogits /= count
-    dlogits[~predicted] = 0  # ignored positions: no term of the loss reads them
-    return dlogits
+    classes = cache.targets.clamp(min=0).unsqueeze(-1)  # (B, T, 1) an ignored row's target -> class 0
+    predicted = cache.predicted.unsqueeze(-1)  # (B, T, 1) bool
+    minus_one = predicted.to(cache.probs.dtype).neg_()  # (B, T, 1) -1 where predicted, -0 where ignored
+    dlogits = cache.probs.scatter_add(-1, classes, minus_one)  # (B, T, V) softmax - one_hot(Y)
+    dlogits.div_(cache.count)  # (B, T, V) the mean over the n predicted characters
+    return dlogits.mul_(predicted)  # (B, T, V) ignored positions: no term of the loss reads them
