@@ -33,17 +33,23 @@ class AdamW:
         self.t = 0
 
     def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], lr: float) -> None:
+        """The update of the module's docstring, on every parameter at once: each line is one
+        torch._foreach_* call over the lists (as torch.optim's foreach AdamW), the same arithmetic
+        per tensor, bit for bit, at a fifth of the calls (docs/speed.md)."""
         self.t += 1
         beta1, beta2 = self.betas
         bias1 = 1 - beta1**self.t
         root_bias2 = math.sqrt(1 - beta2**self.t)
-        for name, p in params.items():
-            g, m, v = grads[name], self.m[name], self.v[name]
-            p.mul_(1 - lr * self.weight_decay)
-            m.lerp_(g, 1 - beta1)  # beta1 * m + (1 - beta1) * g
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denominator = (v.sqrt() / root_bias2).add_(self.eps)
-            p.addcdiv_(m, denominator, value=-lr / bias1)
+        p, g = list(params.values()), [grads[name] for name in params]
+        m, v = [self.m[name] for name in params], [self.v[name] for name in params]
+        torch._foreach_mul_(p, 1 - lr * self.weight_decay)  # p *= 1 - lr * weight_decay
+        torch._foreach_lerp_(m, g, 1 - beta1)  # m = beta1 * m + (1 - beta1) * g
+        torch._foreach_mul_(v, beta2)  # v = beta2 * v + (1 - beta2) * g * g
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        denominator = torch._foreach_sqrt(v)  # sqrt(v) / sqrt(1 - beta2**t) + eps
+        torch._foreach_div_(denominator, root_bias2)
+        torch._foreach_add_(denominator, self.eps)
+        torch._foreach_addcdiv_(p, m, denominator, value=-lr / bias1)  # p -= lr / (1 - beta1**t) * m / denominator
 
     def state_dict(self) -> dict[str, Tensor]:
         state = {f"m.{name}": m for name, m in self.m.items()}
