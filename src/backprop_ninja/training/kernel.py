@@ -44,19 +44,32 @@ class MLPPlan(ctypes.Structure):
     ]
 
 
-@functools.cache
-def load_library() -> ctypes.CDLL | None:
-    """The built step library, or None when the install could not compile it."""
+def open_library(stem: str, abi_function: str, abi: int) -> ctypes.CDLL | None:
+    """The extension `stem` that setup.py built beside this file, or None: not built (no compiler),
+    or stale (its ABI number is not `abi`: `pip install -e .`, or `make`, rebuilds it)."""
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"{LIBRARY_STEM}{suffix}"
+        path = here / f"{stem}{suffix}"
         if path.is_file():
             break
     else:
         return None
     lib = ctypes.CDLL(str(path))
-    lib.mlp_step_abi.restype = ctypes.c_int
-    if lib.mlp_step_abi() != ABI:  # a stale build: `pip install -e .` (or `make`) rebuilds it
+    getattr(lib, abi_function).restype = ctypes.c_int
+    return lib if getattr(lib, abi_function)() == abi else None
+
+
+def holds_cpu_float32(model: Model) -> bool:
+    """Whether every parameter and buffer is a contiguous float32 CPU tensor, as the C steps need."""
+    tensors = [*model.params.values(), *model.buffers.values()]
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """The built step library, or None when the install could not compile it."""
+    lib = open_library(LIBRARY_STEM, "mlp_step_abi", ABI)
+    if lib is None:
         return None
     plan_p = ctypes.POINTER(MLPPlan)
     lib.mlp_workspace_floats.argtypes = [plan_p, ctypes.c_int64]
@@ -87,10 +100,7 @@ def kernel_is_fast() -> bool:
 
 def make_kernel_stepper(model: Model, batch_size: int) -> "KernelMLPStepper | None":
     """The C stepper for `model`, or None: no library, not the lecture MLP, or not float32 on the CPU."""
-    if load_library() is None or not is_lecture_mlp(model):
-        return None
-    tensors = [*model.params.values(), *model.buffers.values()]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+    if load_library() is None or not is_lecture_mlp(model) or not holds_cpu_float32(model):
         return None
     return KernelMLPStepper(model, batch_size)
 

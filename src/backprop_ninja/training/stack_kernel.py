@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.machinery
 import math
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -32,6 +30,7 @@ from torch import Tensor
 
 from backprop_ninja.models import Model
 from backprop_ninja.nn import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
+from backprop_ninja.training.kernel import holds_cpu_float32, open_library
 
 LIBRARY_STEM = "_stack_step"  # setup.py builds backprop_ninja/training/_stack_step<extension suffix>
 ABI = 1  # stack_step_abi(): a library built from another layout of `Stack` is not loaded
@@ -144,16 +143,8 @@ def is_layer_stack(model: Model) -> bool:
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     """The built step library, or None when the install could not compile it (or it is stale)."""
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"{LIBRARY_STEM}{suffix}"
-        if path.is_file():
-            break
-    else:
-        return None
-    lib = ctypes.CDLL(str(path))
-    lib.stack_step_abi.restype = ctypes.c_int
-    if lib.stack_step_abi() != ABI:  # a stale build: `pip install -e .` (or `make`) rebuilds it
+    lib = open_library(LIBRARY_STEM, "stack_step_abi", ABI)
+    if lib is None:
         return None
     plan_p = ctypes.POINTER(StackPlan)
     lib.stack_workspace_floats.argtypes = [plan_p, ctypes.c_int64]
@@ -182,10 +173,7 @@ def stack_kernel_is_fast() -> bool:
 
 def make_stack_stepper(model: Model, batch_size: int) -> "KernelStackStepper | None":
     """The C stack stepper for `model`, or None: no library, another layer pattern, not float32 on the CPU."""
-    if load_library() is None or not is_layer_stack(model):
-        return None
-    tensors = [*model.params.values(), *model.buffers.values()]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+    if load_library() is None or not is_layer_stack(model) or not holds_cpu_float32(model):
         return None
     return KernelStackStepper(model, batch_size)
 
