@@ -405,3 +405,16 @@ def test_the_update_ratio_is_of_the_update_adamw_made(ds):
     assert recorded == pytest.approx(math.log10(change.std().item() / before["W"].std().item()), abs=1e-4)
     grad_based = diagnostics.update_ratio_log10(before["W"], monitor.last_grads["W"], 5e-4)
     assert abs(recorded - grad_based) > 1  # AdamW's first step is ~lr per entry, the gradient far smaller
+
+
+def test_evaluation_in_chunks_of_words_equals_one_pass(ds, monkeypatch):
+    from backprop_ninja.training import evaluation
+
+    model = small("gru", ds, seed=8)
+    whole = evaluate(model, ds)
+    monkeypatch.setattr(evaluation, "SEQUENCE_EVAL_CHUNK", 3)
+    chunked = evaluate(model, ds)
+    for split in whole:  # float32 sums per chunk, added in float64: only the summation order differs
+        assert chunked[split] == pytest.approx(whole[split], rel=1e-6)
+        X, Y = ds.split(split)
+        assert whole[split] == pytest.approx(model.reference_loss(model.logits(X), Y).item(), rel=1e-6)

@@ -16,6 +16,10 @@ from backprop_ninja.models import Model
 # Rows per forward pass when evaluating a whole split. Small enough that the (rows, H) temporaries
 # are reused from the allocator's heap instead of mapped afresh for every chunk (docs/speed.md).
 EVAL_CHUNK = 4096
+# Words per forward pass of a model of whole words: its layers keep each position's cache for a
+# backward pass (an rnn's T steps, a gru's ten tensors per step), so 4096 words at T = 16 would
+# hold ~0.2 GB; 512 keep evaluation below the training step's own peak (docs/speed.md).
+SEQUENCE_EVAL_CHUNK = 512
 
 
 class RunData(NamedTuple):
@@ -58,10 +62,11 @@ def evaluate(model: Model, dataset: Dataset) -> dict[str, float | None]:
 
 
 def sequence_loss(model: Model, X: torch.Tensor, Y: torch.Tensor) -> float:
-    """Mean cross-entropy over the predicted characters of whole words (Y != -1), EVAL_CHUNK words at a time."""
+    """Mean cross-entropy over the predicted characters of whole words (Y != -1), SEQUENCE_EVAL_CHUNK
+    words at a time."""
     device = model.device
     total, count = 0.0, 0
-    for Xc, Yc in zip(X.split(EVAL_CHUNK), Y.split(EVAL_CHUNK)):
+    for Xc, Yc in zip(X.split(SEQUENCE_EVAL_CHUNK), Y.split(SEQUENCE_EVAL_CHUNK)):
         logits = model.logits(Xc.to(device))  # (chunk, T, V)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Yc.to(device).reshape(-1),
                               ignore_index=IGNORE_INDEX, reduction="sum")  # ()
