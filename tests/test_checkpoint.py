@@ -357,8 +357,8 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_an_unknown_model_in_the_record_is_refused(tmp_path, fmt):
     run_dir, *_ = make_run(tmp_path, fmt=fmt)
-    edit_record(run_dir, fmt, lambda record: record["config"].__setitem__("model", "transformer"))
-    with pytest.raises(UserError, match="unknown model 'transformer'"):
+    edit_record(run_dir, fmt, lambda record: record["config"].__setitem__("model", "gpt-5"))
+    with pytest.raises(UserError, match="unknown model 'gpt-5'"):
         checkpoint.load(run_dir)
 
 
