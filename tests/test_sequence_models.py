@@ -418,3 +418,14 @@ def test_evaluation_in_chunks_of_words_equals_one_pass(ds, monkeypatch):
         assert chunked[split] == pytest.approx(whole[split], rel=1e-6)
         X, Y = ds.split(split)
         assert whole[split] == pytest.approx(model.reference_loss(model.logits(X), Y).item(), rel=1e-6)
+
+
+def test_verify_every_passes_and_stops_a_wrong_backward(capsys, words_path, tmp_path, monkeypatch):
+    common = ["train", "--model", "bow", "--input", words_path, *TINY, "--steps", 12, "--verify-every", 5]
+    code, _, err = cli(capsys, *common, "--out", tmp_path / "right")
+    assert code == 0, err
+    from backprop_ninja.nn import sequence_layers
+
+    monkeypatch.setattr(sequence_layers.ops, "causal_bow_backward", lambda dout, cache: dout)  # the mean's 1/(t+1) forgotten
+    code, _, err = cli(capsys, *common, "--out", tmp_path / "wrong")
+    one_line_error(code, err, "gradient check failed at step 0", "disagrees with autograd")
