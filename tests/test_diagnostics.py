@@ -190,3 +190,105 @@ def test_plots_are_written_as_valid_png_files(tmp_path):
 def test_no_plots_before_the_first_record(tmp_path):
     assert TrainingMonitor(deep_mlp(), every=100).write_plots(tmp_path) == []
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the transformer: attention entropy per head, LayerNorm gradients, update:data per layer
+
+
+def transformer(seed: int = 0, **shape):
+    small = {"block_size": 8, "n_layer": 2, "n_head": 2, "n_embd": 16, "dropout": 0.0}  # blocks at layers 2 and 3
+    config = MODELS["transformer"].config(27, **(small | shape))
+    return build_model(config, torch.Generator().manual_seed(seed))
+
+
+def monitor_steps(model, monitor: TrainingMonitor, steps: int, lr: float = 1e-3, seed: int = 1) -> list[str]:
+    """AdamW steps on random words (lr 0: the model as given, recorded step after step); the warnings raised."""
+    from backprop_ninja.optim import AdamW
+
+    g = torch.Generator().manual_seed(seed)
+    optimizer = AdamW(model.params)
+    raised = []
+    for step in range(steps):
+        X = torch.randint(0, 27, (16, model.config.block_size), generator=g)  # (B, T)
+        Y = torch.roll(X, -1, dims=1)  # (B, T) the next character: learnable
+        _, grads = model.loss_and_grads(X, Y)
+        raised += monitor(step, X, Y, grads, lr)
+        if lr:
+            optimizer.step(model.params, grads, lr)
+            raised += monitor.after_update(step, model.params)  # the update:data of AdamW's real step
+    return raised
+
+
+def test_attention_entropy_is_recorded_per_head_and_bounded_by_the_uniform_head():
+    model = transformer()
+    monitor = TrainingMonitor(model, every=1)
+    monitor_steps(model, monitor, steps=1)
+    record = monitor.records[0]
+    assert list(record.attention) == ["layer 2 (Block)", "layer 3 (Block)"]
+    uniform = sum(math.log(t + 1) for t in range(8)) / 8  # every head at most the uniform average over the past
+    for heads in record.attention.values():
+        assert len(heads) == 2 and all(0 < h <= uniform + 1e-6 for h in heads)
+        assert all(h > 0.8 * uniform for h in heads)  # near uniform at initialisation: small scores
+    assert set(record.layernorm) == {"h.0.ln_1", "h.0.ln_2", "h.1.ln_1", "h.1.ln_2", "ln_f"}
+    assert set(record.update_groups) == {"wte", "wpe", "h.0", "h.1", "lm_head"}
+    text = monitor.summary()
+    assert "layer 2 (Block): attention entropy per head (nats): " in text and "group h.0: update:data log10" in text
+
+
+def test_attention_entropy_of_hand_made_weights():
+    one_hot = torch.eye(3).expand(2, 1, 3, 3)  # (B, nh, T, T) each query reads only itself: 0 nats
+    uniform = torch.tril(torch.ones(3, 3)) / torch.arange(1, 4).view(3, 1)  # (T, T) rows 1, 1/2, 1/3
+    att = torch.cat([one_hot, uniform.expand(2, 1, 3, 3)], dim=1)  # (B, 2, T, T)
+    entropy = ops_entropy(att)
+    assert entropy[0] == 0 and entropy[1] == pytest.approx((math.log(2) + math.log(3)) / 3, abs=STAT_TOL)
+
+
+def ops_entropy(att):
+    from backprop_ninja import ops
+
+    return ops.attention_entropy(att)
+
+
+def test_no_transformer_warning_on_a_healthy_run():
+    model = transformer()
+    monitor = TrainingMonitor(model, every=2)
+    assert monitor_steps(model, monitor, steps=14) == []
+    assert len(monitor.records) > diagnostics.WARN_AFTER and monitor.warnings() == []
+
+
+def test_collapsed_attention_warns_once_per_block():
+    """Queries and keys x30: scores of hundreds, each query's softmax one-hot on a single key."""
+    model = transformer()
+    with torch.no_grad():
+        for i in range(2):
+            model.params[f"h.{i}.attn.c_attn.weight"][:, :32] *= 30  # the q and k columns
+    monitor = TrainingMonitor(model, every=1)
+    raised = monitor_steps(model, monitor, steps=6, lr=0.0)
+    collapsed = [w for w in raised if "collapsed onto one position" in w]
+    assert len(collapsed) == 2 and collapsed[0].startswith("warning: layer 2 (Block): attention head(s) 0, 1")
+
+
+def test_vanishing_layernorm_gradients_warn():
+    """ln_f's weight zero (a buggy initialisation): nothing below it gets a gradient."""
+    model = transformer()
+    with torch.no_grad():
+        model.params["ln_f.weight"].zero_()
+    monitor = TrainingMonitor(model, every=1)
+    raised = monitor_steps(model, monitor, steps=6, lr=0.0)
+    vanished = sorted(w.split(":")[1].strip() for w in raised if "gradient vanishes" in w)
+    assert vanished == ["LayerNorm h.0.ln_1", "LayerNorm h.0.ln_2", "LayerNorm h.1.ln_1", "LayerNorm h.1.ln_2"]
+
+
+def test_transformer_plots_include_attention_entropy_and_layer_groups(tmp_path):
+    model = transformer()
+    monitor = TrainingMonitor(model, every=2)
+    monitor_steps(model, monitor, steps=6)
+    written = [p.name for p in monitor.write_plots(tmp_path)]
+    assert written == [*PLOTS, "attention-entropy.png", "update-ratio-groups.png"]
+    assert all((tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE for name in written)
+    path = monitor.write_records(tmp_path)
+    import json
+
+    records = json.loads(path.read_text())["records"]
+    assert len(records[0]["attention"]["layer 2 (Block)"]) == 2 and "ln_f" in records[0]["layernorm"]

@@ -23,6 +23,7 @@ by a seeded generator: a check that needs nothing but the forward pass.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -65,6 +66,11 @@ def model_setup(
     return ModelSetup(model, ds.train.X[ix], ds.train.Y[ix])
 
 
+def replaying(model: Model):
+    """model.replaying() where the model has one (dropout: the masks of the last pass), else nothing."""
+    return model.replaying() if hasattr(model, "replaying") else nullcontext()
+
+
 def layer_label(index: int, layer: Layer) -> str:
     kind = type(layer).__name__
     return f"L{index} {SHORT_NAMES.get(kind, kind)}"
@@ -90,7 +96,8 @@ def model_rows(model: Model, Xb: Tensor, Yb: Tensor, dtype: torch.dtype = CHECK_
         # the reference: the same layers on autograd leaves
         leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
         outs: list[Tensor] = []
-        with torch.enable_grad(), net.substituted(leaves):
+        # a model with dropout (the transformer's) replays the masks of the hand-written pass
+        with torch.enable_grad(), net.substituted(leaves), replaying(model):
             logits = net.forward(Xb, outs=outs)  # (B, V) or (B, T, V)
             inner = {i: net.layers[i].inner_outputs() for i in mine_inner}  # e.g. an RNN's h_t
             for out in [*outs, *(t for tensors in inner.values() for t in tensors.values())]:
@@ -101,9 +108,14 @@ def model_rows(model: Model, Xb: Tensor, Yb: Tensor, dtype: torch.dtype = CHECK_
     for index in reversed(range(len(net.layers))):
         layer = net.layers[index]
         pairs.append((layer_label(index, layer), douts[index], outs[index].grad))
-        pairs += [(f"{layer_label(index, layer)} {key}", mine_inner[index][key], tensor.grad)
-                  for key, tensor in inner.get(index, {}).items()]
-        pairs += [(name, mine[name], leaves[name].grad) for name in layer.params]
+        # a layer's inner rows, each followed by the parameters of the sub-layer that made it where the
+        # layer says (inner_params(), e.g. a transformer Block), then its other parameters
+        inner_params = layer.inner_params() if hasattr(layer, "inner_params") else {}
+        for key, tensor in inner.get(index, {}).items():
+            pairs.append((f"{layer_label(index, layer)} {key}", mine_inner[index][key], tensor.grad))
+            pairs += [(name, mine[name], leaves[name].grad) for name in inner_params.get(key, [])]
+        listed = {name for names in inner_params.values() for name in names}
+        pairs += [(name, mine[name], leaves[name].grad) for name in layer.params if name not in listed]
     floor = scale_floor(ref for _, _, ref in pairs)
     return [CheckedRow(compare(label, grad, ref), judge(grad, ref, gradient_scale(ref, floor)))
             for label, grad, ref in pairs]
@@ -125,7 +137,8 @@ def numerical_rows(
         net.train(True)
 
         def loss_now() -> float:
-            return model.reference_loss(net.forward(Xb), Yb).item()
+            with replaying(model):  # dropout's masks of the hand-written pass below
+                return model.reference_loss(net.forward(Xb), Yb).item()
 
         _, loss_cache = model.loss_forward(net.forward(Xb), Yb)
         net.backward(model.loss_backward(loss_cache))

@@ -5,6 +5,7 @@
     deep_mlp.py   makemore part 3's deep MLP
     wavenet.py    makemore part 5's hierarchical network
     sequence.py   makemore's bigram, rnn, gru and bow, over whole words
+    transformer.py  makemore's transformer (a small GPT), over whole words
 
 Builders draw every initial value from the seeded torch.Generator they are given, in a fixed
 order, so a seed fixes the model. A new model family: a module here with its config dataclass and
@@ -24,6 +25,7 @@ from backprop_ninja.models.base import Model, ModelConfig, SequenceConfig, Seque
 from backprop_ninja.models.deep_mlp import build_deep_mlp
 from backprop_ninja.models.mlp import MLPConfig, build_mlp, is_lecture_mlp
 from backprop_ninja.models.sequence import BigramConfig, build_bigram, build_bow, build_gru, build_rnn
+from backprop_ninja.models.transformer import TransformerConfig, build_transformer
 from backprop_ninja.models.wavenet import build_wavenet
 
 
@@ -70,23 +72,30 @@ MODELS: dict[str, ModelSpec] = {
         average_from=0.75,  # the lr = 0.01 phase (docs/models.md)
     ),
     "bigram": ModelSpec(
-        build_bigram, BigramConfig(), steps=10_000, decay_at=0.75,
+        build_bigram, BigramConfig(), steps=30_000, decay_at=0.75,
         summary="makemore's bigram: a (V, V) table of next-character logits", view="sequences", optimizer="adamw",
     ),
     "rnn": ModelSpec(
-        build_rnn, SequenceConfig("rnn"), steps=20_000, decay_at=0.75,
+        build_rnn, SequenceConfig("rnn"), steps=30_000, decay_at=0.75,
         summary="makemore's rnn: embedding, h_t = tanh(Linear([x_t, h_{t-1}])), a linear head on every h_t",
         view="sequences", optimizer="adamw",
     ),
     "gru": ModelSpec(
-        build_gru, SequenceConfig("gru"), steps=20_000, decay_at=0.75,
+        build_gru, SequenceConfig("gru"), steps=30_000, decay_at=0.75,
         summary="makemore's gru: embedding, the GRU cell (reset and update gates), a linear head on every h_t",
         view="sequences", optimizer="adamw",
     ),
     "bow": ModelSpec(
-        build_bow, SequenceConfig("bow"), steps=20_000, decay_at=0.75,
+        build_bow, SequenceConfig("bow"), steps=30_000, decay_at=0.75,
         summary="makemore's bow: token + position embeddings, x + causal mean, x + MLP, a linear head",
         view="sequences", optimizer="adamw",
+    ),
+    "transformer": ModelSpec(
+        build_transformer, TransformerConfig(dropout=0.1), steps=28_000, decay_at=0.7,
+        summary="makemore's transformer: token + position embeddings, 4 pre-LayerNorm blocks (causal self-attention, "
+                "MLP with GELU), LayerNorm, a linear head; dropout 0.1",
+        view="sequences", optimizer="adamw",
+        average_from=0.7,  # the lr / 10 phase (docs/models.md)
     ),
 }
 

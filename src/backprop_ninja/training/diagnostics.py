@@ -14,7 +14,16 @@ Three views, as the lecture shows them:
 - through time (rnn, gru): the norm of dL/dh_t at every step t, and the gradient's gain per step
   back in time, ||part of dL/dh_t that came from step t+1|| / ||dL/dh_{t+1}||, the geometric mean
   over the steps. A gain far below 1 vanishes (the early characters learn nothing from the later
-  ones), far above 1 explodes.
+  ones), far above 1 explodes;
+- attention (transformer): the entropy of each head's attention weights, -sum_s att log att over
+  the keys, in nats, the mean over the batch and the query positions (ops.attention_entropy). A
+  head that averages its past uniformly sits near mean_t log(t+1) (1.9 at T = 16); one that reads a
+  single position, 0: a head collapsed there for WARN_AFTER records is a warning;
+- LayerNorm (transformer): each LayerNorm's gradient, rms(dweight) / rms(weight); 4e-4 at
+  initialisation in the default model, so below LAYERNORM_GRAD_VANISH nothing reaches it
+  (a zero ln_f weight, a dead head below): a warning;
+- update groups: the update:data ratio of each layer's weights together (`h.0` for block 0's four
+  Linears, `wte`, ...), where a model has more weights than a plot can tell apart.
 
 The training loop runs a TrainingMonitor as one of its hooks (training.loop.Hook), on the steps it
 is due, with the step's gradients before the update:
@@ -25,7 +34,8 @@ is due, with the step's gradients before the update:
         print(warning)
     optimizer.step(model.params, grads, lr)
     monitor.write_plots(run_dir)   # activations.png, gradients.png, update-ratio.png,
-                                   # gradients-through-time.png for a recurrent model
+                                   # gradients-through-time.png for a recurrent model,
+                                   # attention-entropy.png for a transformer
 
 The tanh outputs are read from the Tanh layers' caches of the step's own forward pass, so nothing
 is recomputed. Plots are drawn by plots.save_figure (an Agg canvas: no pyplot, no global backend
@@ -46,7 +56,8 @@ from torch import Tensor
 
 from backprop_ninja.files import atomic_write
 from backprop_ninja.models import Model
-from backprop_ninja.nn import Recurrent, Tanh
+from backprop_ninja import ops
+from backprop_ninja.nn import Block, LayerNorm, Recurrent, Tanh
 from backprop_ninja.training.plots import save_figure
 
 SATURATION_THRESHOLD = 0.97  # |tanh| above this is on the flat tail: 1 - t**2 < 0.06
@@ -64,6 +75,13 @@ UPDATE_RATIO_BAND = (-4.5, -1.0)
 # a thousandth of itself three characters back: the model cannot learn from more than a couple
 # of characters of context; at 2 it grows 30,000x across a block of 16 and the steps blow up.
 THROUGH_TIME_GAIN_BAND = (0.1, 2.0)
+# A head whose mean attention entropy is below this many nats reads one position for every query:
+# collapsed (healthy heads of a trained default transformer sit far above, docs/models.md; a uniform
+# head at T = 16 is 1.9).
+ATTENTION_COLLAPSE_NATS = 0.05
+# rms(dweight) / rms(weight) of a LayerNorm below this: its gradient has vanished (4e-4 at
+# initialisation in the default transformer, so this is 400x below a healthy start).
+LAYERNORM_GRAD_VANISH = 1e-6
 WARN_AFTER = 5  # a condition must hold at this many consecutive records before it warns
 HISTOGRAM_BINS = 100
 DIAGNOSTICS_FILE = "diagnostics.json"  # every record, written with the plots
@@ -132,12 +150,61 @@ def weights(model: Model) -> dict[str, Tensor]:
     return {name: p for name, p in model.params.items() if p.ndim == 2 and min(p.shape) > 1}
 
 
+def attention_layers(model: Model) -> dict[str, list]:
+    """'layer 2 (Block)' -> that block's CausalSelfAttention layers (one in makemore's block)."""
+    return {f"layer {i} (Block)": layer.attention_layers() for i, layer in enumerate(model.net.layers)
+            if isinstance(layer, Block)}
+
+
+def attention_entropies(model: Model) -> dict[str, list[float]]:
+    """Each block's heads' mean attention entropy (nats) in the last forward pass, head by head."""
+    found = {}
+    for name, layers in attention_layers(model).items():
+        if all(getattr(layer, "cache", None) is not None for layer in layers):
+            found[name] = [h for layer in layers for h in ops.attention_entropy(layer.attention_weights()).tolist()]
+    return found
+
+
+def layernorm_grad_ratios(model: Model, grads: dict[str, Tensor]) -> dict[str, float]:
+    """'h.0.ln_1' -> rms(dweight) / rms(weight) of each LayerNorm, from the given gradients."""
+    ratios = {}
+    for layer in model.net.leaves():
+        if isinstance(layer, LayerNorm) and layer.w_name in grads:
+            w, dw = layer.params[layer.w_name], grads[layer.w_name]
+            ratios[layer.w_name.removesuffix(".weight")] = (dw.pow(2).mean().sqrt() / w.pow(2).mean().sqrt()).item()
+    return ratios
+
+
+def weight_group(name: str) -> str:
+    """The layer a weight belongs to: 'h.0' for 'h.0.attn.c_attn.weight', 'wte' for 'wte'."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "h" and len(parts) > 2 else parts[0]
+
+
+def group_update_ratios(model: Model, data: dict[str, Tensor], change: dict[str, Tensor],
+                        lr: float) -> dict[str, float]:
+    """log10 update:data of each group of weights, (lr * change).std() / data.std() over their
+    entries taken together; {} unless some group holds more than one weight (the transformer's blocks)."""
+    groups: dict[str, list[str]] = {}
+    for name in weights(model):
+        groups.setdefault(weight_group(name), []).append(name)
+    if all(len(names) == 1 for names in groups.values()):
+        return {}
+    return {group: update_ratio_log10(torch.cat([data[n].reshape(-1) for n in names]),
+                                      torch.cat([change[n].reshape(-1) for n in names]), lr)
+            for group, names in groups.items()}
+
+
 class Record(NamedTuple):
     step: int
     tanh: dict[str, TanhStats]  # 'layer 4 (Tanh)' -> stats
     weights: dict[str, WeightStats]  # weight name -> stats of its gradient
     update_log10: dict[str, float]  # weight name -> log10 update:data ratio
     through_time: dict[str, ThroughTime] = {}  # 'layer 1 (RNN)' -> its gradient through time
+    attention: dict[str, list[float]] = {}  # 'layer 2 (Block)' -> mean attention entropy of each head, nats
+    layernorm: dict[str, float] = {}  # 'h.0.ln_1' -> rms(dweight) / rms(weight)
+    update_groups: dict[str, float] = {}  # 'h.0' -> log10 update:data of the group's weights together
+    lr: float = math.nan  # the step's learning rate
 
 
 def record(model: Model, step: int, grads: dict[str, Tensor], lr: float) -> Record:
@@ -149,6 +216,10 @@ def record(model: Model, step: int, grads: dict[str, Tensor], lr: float) -> Reco
         {name: weight_stats(p, grads[name]) for name, p in ws.items()},
         {name: update_ratio_log10(p, grads[name], lr) for name, p in ws.items()},
         {name: through_time(layer) for name, layer in recurrent_layers(model).items()},
+        attention_entropies(model),
+        layernorm_grad_ratios(model, grads),
+        group_update_ratios(model, model.params, grads, lr),
+        lr,
     )
 
 
@@ -166,6 +237,12 @@ def format_record(rec: Record, model: Model | None = None) -> str:
     for name, tt in rec.through_time.items():
         norms = " ".join(f"{n:.1e}" for n in tt.norms)
         lines.append(f"{name}: ||dL/dh_t|| for t = 0..{len(tt.norms) - 1}: {norms}; gain per step back {tt.gain:.2f}")
+    for name, heads in rec.attention.items():
+        lines.append(f"{name}: attention entropy per head (nats): {' '.join(f'{h:.2f}' for h in heads)}")
+    for name, ratio in rec.layernorm.items():
+        lines.append(f"layernorm {name}: rms(dweight) / rms(weight) {ratio:.1e}")
+    for name, log10 in rec.update_groups.items():
+        lines.append(f"group {name}: update:data log10 {log10:+.2f}")
     return "\n".join(lines)
 
 
@@ -207,7 +284,9 @@ class TrainingMonitor:
             return []
         actual = {name: update_ratio_log10(self._before[name], params[name] - self._before[name], 1.0)
                   for name in self._before}
-        self.records[-1] = self.records[-1]._replace(update_log10=actual)
+        change = {name: params[name] - self._before[name] for name in self._before}
+        groups = group_update_ratios(self.model, self._before, change, 1.0)
+        self.records[-1] = self.records[-1]._replace(update_log10=actual, update_groups=groups)
         return self._new_warnings(lambda key: key.startswith("update:"))
 
     def _new_warnings(self, wanted: Callable[[str], bool]) -> list[str]:
@@ -242,7 +321,9 @@ class TrainingMonitor:
             logs = [r.update_log10[name] for r in recent if name in r.update_log10]
             if len(logs) < WARN_AFTER:
                 continue
-            if min(logs) > high or max(logs) < low:
+            # after the recipe's lr decay, small updates are the point: "too small" is judged at the peak lr
+            decayed = any(r.lr < max(q.lr for q in self.records) for r in recent)
+            if min(logs) > high or (max(logs) < low and not decayed):
                 too_large = min(logs) > high
                 side = "too large: lower the learning rate" if too_large else "too small: it barely learns"
                 found[f"update:{name}"] = (
@@ -262,6 +343,26 @@ class TrainingMonitor:
                     f"warning: {name}: the gradient through time {what}; it is multiplied by {gains[-1]:.2g} "
                     f"per step back over {steps} (healthy: {low:g}-{high:g})"
                 )
+        for name in recent[-1].attention:
+            series = [r.attention[name] for r in recent if name in r.attention]
+            if len(series) < WARN_AFTER:
+                continue
+            collapsed = [h for h in range(len(series[-1])) if max(s[h] for s in series) < ATTENTION_COLLAPSE_NATS]
+            if collapsed:
+                heads = ", ".join(str(h) for h in collapsed)
+                found[f"attention:{name}"] = (
+                    f"warning: {name}: attention head(s) {heads} collapsed onto one position (entropy "
+                    f"{min(series[-1]):.3f} nats < {ATTENTION_COLLAPSE_NATS} over {steps}); each query reads a single "
+                    f"key: check the scale of q and k (the 1/sqrt(head size)) and the learning rate"
+                )
+        for name in recent[-1].layernorm:
+            ratios = [r.layernorm[name] for r in recent if name in r.layernorm]
+            if len(ratios) == WARN_AFTER and max(ratios) < LAYERNORM_GRAD_VANISH:
+                found[f"layernorm:{name}"] = (
+                    f"warning: LayerNorm {name}: its gradient vanishes (rms(dweight) / rms(weight) "
+                    f"{ratios[-1]:.1e} < {LAYERNORM_GRAD_VANISH:g} over {steps}); nothing reaches it from the "
+                    f"loss: look above it (a zero LayerNorm weight, a dead branch)"
+                )
         return found
 
     def summary(self) -> str:
@@ -274,7 +375,8 @@ class TrainingMonitor:
             return {"step": rec.step, "tanh": {k: v._asdict() for k, v in rec.tanh.items()},
                     "weights": {k: v._asdict() for k, v in rec.weights.items()},
                     "update_log10": rec.update_log10,
-                    "through_time": {k: v._asdict() for k, v in rec.through_time.items()}}
+                    "through_time": {k: v._asdict() for k, v in rec.through_time.items()},
+                    "attention": rec.attention, "layernorm": rec.layernorm, "update_groups": rec.update_groups}
 
         path = Path(run_dir) / DIAGNOSTICS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,6 +407,12 @@ class TrainingMonitor:
         if last.through_time:
             written.append(save_figure(run_dir / "gradients-through-time.png",
                                        lambda fig: _through_time_lines(fig, self.records)))
+        if last.attention:
+            written.append(save_figure(run_dir / "attention-entropy.png",
+                                       lambda fig: _attention_lines(fig, self.records)))
+        if last.update_groups:
+            written.append(save_figure(run_dir / "update-ratio-groups.png",
+                                       lambda fig: _update_lines(fig, self.records, groups=True)))
         return written
 
 
@@ -368,13 +476,31 @@ def _through_time_lines(fig, records: list[Record]) -> None:
             ax.legend(fontsize="small")
 
 
-def _update_lines(fig, records: list[Record]) -> None:
+def _attention_lines(fig, records: list[Record]) -> None:
+    """Each head's mean attention entropy against the step, one panel per block."""
+    names = list(records[-1].attention)
+    steps = [r.step for r in records]
+    for k, name in enumerate(names, start=1):
+        ax = fig.add_subplot(1, len(names), k)
+        for head in range(len(records[-1].attention[name])):
+            ax.plot(steps, [r.attention[name][head] if name in r.attention else math.nan for r in records],
+                    label=f"head {head}")
+        ax.axhline(ATTENTION_COLLAPSE_NATS, color="k", linestyle="--", linewidth=1, label="collapsed")
+        ax.set_title(f"{name}: attention entropy")
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize="small")
+
+
+def _update_lines(fig, records: list[Record], groups: bool = False) -> None:
     ax = fig.add_subplot()
     steps = [r.step for r in records]
-    for name in records[-1].update_log10:
-        ax.plot(steps, [r.update_log10.get(name, math.nan) for r in records], label=name)
+    series = (lambda r: r.update_groups) if groups else (lambda r: r.update_log10)
+    for name in series(records[-1]):
+        ax.plot(steps, [series(r).get(name, math.nan) for r in records], label=name)
     ax.axhline(UPDATE_RATIO_GUIDE, color="k", linestyle="--", linewidth=1, label="guide 1e-3")
-    ax.set_title("update:data ratio")
+    ax.set_title("update:data ratio" + (" per layer (its weights together)" if groups else ""))
     ax.set_xlabel("step")
     ax.set_ylabel("log10((lr * grad).std() / data.std())")
     ax.legend(fontsize="small")

@@ -1,0 +1,426 @@
+"""The autograd twin of `--model transformer`: makemore's Transformer module, trained as `train` trains.
+
+The twin is makemore's own code (nn.Embedding, nn.Linear, nn.LayerNorm, its CausalSelfAttention with
+the masked softmax, NewGELU, F.cross_entropy with ignore_index=-1), given the initial values of the
+hand-written model that `backprop-ninja train --model transformer` builds (copied by name, the
+Linear weights transposed to nn.Linear's (out, in)), the same batches (the same generator, drawn
+in the same chunks as training.loop) and the same learning-rate schedule; `loss.backward()` and
+torch.optim.AdamW (makemore's betas (0.9, 0.99), eps 1e-8, weight decay on every parameter, as
+makemore's and ours) do the rest. Then, as `train` ends: the split losses and 20 samples.
+
+    python benchmarks/twin_transformer.py --steps 2000                  # one whole process
+    python benchmarks/twin_transformer.py --compare --steps 2000 --rounds 3 [--batch-size 512]
+        # alternates `backprop-ninja train --model transformer` and the twin as whole processes:
+        # wall time and peak memory, medians
+    python benchmarks/twin_transformer.py --per-layer --steps 60
+        # where a hand-written step's time goes, layer by layer, with the layers' fused op pairs and
+        # with the readable ops in their place, the two alternated step by step; and the twin's step
+    python benchmarks/twin_transformer.py --memory --steps 20 --batch-size 512
+        # training steps only (no evaluation, no sampling), each kind in a fresh process: peak RSS
+        # of the hand-written step (attention weights kept, or recomputed in the backward), the twin
+
+tests/test_transformer.py tracks the twin against the hand-written run over 200 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backprop_ninja.conventions import LECTURE_SEED, SAMPLE_SEED
+from backprop_ninja.data import load_dataset
+from backprop_ninja.models import build_model, get_spec
+from backprop_ninja.training.evaluation import EVAL_CHUNK
+from backprop_ninja.training.loop import SYNC_EVERY
+
+# ---------------------------------------------------------------------------------------------
+# makemore's Transformer, as makemore.py writes it
+
+
+class NewGELU(nn.Module):
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, block_size: int) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+        self.n_head, self.n_embd = n_head, n_embd
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, block_size: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, block_size)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(n_embd, 4 * n_embd), c_proj=nn.Linear(4 * n_embd, n_embd),
+                                      act=NewGELU()))
+        m = self.mlp
+        self.mlpf = lambda x: m.c_proj(m.act(m.c_fc(x)))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlpf(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd),
+            wpe=nn.Embedding(block_size, n_embd),
+            h=nn.ModuleList([Block(n_embd, n_head, block_size) for _ in range(n_layer)]),
+            ln_f=nn.LayerNorm(n_embd),
+        ))
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+
+    def forward(self, idx):
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device).unsqueeze(0)  # (1, t)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# the twin of a hand-written model: the same initial values, paired by name
+
+
+def our_name(twin_name: str) -> str:
+    """makemore's parameter name -> ours: the same without the `transformer.` prefix, and wte/wpe bare."""
+    name = twin_name.removeprefix("transformer.")
+    return name.removesuffix(".weight") if name in ("wte.weight", "wpe.weight") else name
+
+
+def twin_of(model) -> Transformer:
+    """makemore's Transformer holding copies of `model`'s parameters (Linear weights transposed)."""
+    c, p = model.config, model.params
+    twin = Transformer(c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd).to(model.device)
+    modules = dict(twin.named_modules())
+    for name, param in twin.named_parameters():
+        ours = p[our_name(name)]
+        is_linear_weight = isinstance(modules[name.rsplit(".", 1)[0]], nn.Linear) and name.endswith(".weight")
+        param.data.copy_(ours.T if is_linear_weight else ours)
+    return twin
+
+
+def twin_params(twin: Transformer, model) -> dict[str, torch.Tensor]:
+    """The twin's parameters under the hand-written model's names and layouts, to compare."""
+    modules = dict(twin.named_modules())
+    pairs = {}
+    for name, param in twin.named_parameters():
+        is_linear_weight = isinstance(modules[name.rsplit(".", 1)[0]], nn.Linear) and name.endswith(".weight")
+        pairs[our_name(name)] = (param.T if is_linear_weight else param).detach()
+    return {k: pairs[k] for k in model.params}  # our order
+
+
+def sequence_loss(logits, targets):
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def setup(input_path: str | None = None, seed: int = LECTURE_SEED, **shape):
+    """The data, the hand-written model as `train` builds it, and its generator (past the initial draws).
+
+    Without dropout unless `shape` asks for it: makemore's architecture, which the twin is (the
+    registry's recipe adds dropout 0.1; its weights are drawn the same either way)."""
+    spec = get_spec("transformer")
+    ds = load_dataset(input_path, block_size=None, view="sequences")
+    g = torch.Generator().manual_seed(seed)
+    model = build_model(spec.config(ds.vocab.size, block_size=ds.block_size, **({"dropout": 0.0} | shape)), g)
+    return ds, model, g
+
+
+def train_twin(twin: nn.Module, ds, g: torch.Generator, steps: int, batch_size: int, lr: float, decay_step: int,
+               weight_decay: float = 0.01) -> torch.Tensor:
+    """makemore's training loop on the twin, with train's batches and schedule: the (steps,) losses."""
+    optimizer = torch.optim.AdamW(twin.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), eps=1e-8)
+    X, Y = ds.train
+    losses = torch.empty(steps)
+    step = 0
+    while step < steps:
+        end = min(steps, (step // SYNC_EVERY + 1) * SYNC_EVERY)
+        ix = torch.randint(0, X.shape[0], (end - step, batch_size), generator=g)  # as training.loop draws them
+        for row in ix:
+            for group in optimizer.param_groups:
+                group["lr"] = lr if step < decay_step else lr / 10
+            loss = sequence_loss(twin(X[row]), Y[row])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses[step] = loss.detach()
+            step += 1
+    return losses
+
+
+@torch.no_grad()
+def split_losses(twin: nn.Module, ds, chunk: int = EVAL_CHUNK) -> dict[str, float]:
+    """The mean loss per predicted character of each split, `chunk` words at a time (as train's evaluate)."""
+    result = {}
+    for name in ("train", "val", "test"):
+        X, Y = ds.split(name)
+        total = sum(F.cross_entropy(twin(x).flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").item()
+                    for x, y in zip(X.split(chunk), Y.split(chunk)))
+        result[name] = total / int((Y != -1).sum())
+    return result
+
+
+@torch.no_grad()
+def sample(twin: nn.Module, ds, n: int = 20) -> list[str]:
+    """makemore's generate: from the start token, the last position's softmax, up to block_size - 1 tokens."""
+    g = torch.Generator().manual_seed(SAMPLE_SEED)
+    idx = torch.zeros((n, 1), dtype=torch.long)
+    for _ in range(ds.block_size - 1):
+        probs = F.softmax(twin(idx)[:, -1, :], dim=-1)
+        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=g)], dim=1)
+    return [ds.vocab.decode(row[1:]) for row in idx.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# whole processes
+
+
+def run_twin(args) -> None:
+    """One process: what `backprop-ninja train --model transformer --steps N` does, on the twin."""
+    spec = get_spec("transformer")
+    ds, model, g = setup(args.input)
+    twin = twin_of(model)
+    del model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_twin(twin, ds, g, args.steps, args.batch_size, 5e-4, int(spec.decay_at * args.steps))
+    losses = split_losses(twin, ds)
+    print("\n".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    print("\n".join(sample(twin, ds)))
+
+
+def peak_rss(command: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) measured in a fresh wrapper, so earlier children do not count."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+               "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
+               "sys.exit(r.returncode)")
+    result = subprocess.run([sys.executable, "-c", wrapper, *command], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr}")
+    wall, rss = result.stdout.split()
+    return float(wall), float(rss)
+
+
+def compare(args) -> None:
+    """`backprop-ninja train` and the twin alternated as whole processes (same steps, batch, threads)."""
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    cli = str(Path(sys.executable).with_name("backprop-ninja"))
+    rows = {"hand-written": [], "autograd twin": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):
+            hand = [cli, "train", "--model", "transformer", "--steps", str(args.steps), "--batch-size",
+                    str(args.batch_size), "--out", f"{tmp}/run{round_}", *args.train_args]
+            twin = [sys.executable, __file__, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+            if args.threads:
+                twin += ["--threads", str(args.threads)]
+            order = [("hand-written", hand), ("autograd twin", twin)]
+            for label, command in (order if round_ % 2 == 0 else order[::-1]):
+                rows[label].append(peak_rss(command, env))
+    hand_wall = statistics.median(w for w, _ in rows["hand-written"])
+    twin_wall = statistics.median(w for w, _ in rows["autograd twin"])
+    result: dict = {label: {"wall_s": statistics.median(w for w, _ in r), "walls": [w for w, _ in r],
+                            "peak_rss_mb": max(m for _, m in r)} for label, r in rows.items()}
+    result["twin / hand wall"] = twin_wall / hand_wall
+    result |= {"steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds, "threads": args.threads}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"transformer: {args.steps} steps at batch {args.batch_size}, {args.rounds} alternated rounds (medians)")
+    for label in rows:
+        print(f"  {label:14s} {result[label]['wall_s']:8.2f} s   peak RSS {result[label]['peak_rss_mb']:7.0f} MB")
+    print(f"  twin / hand-written: {result['twin / hand wall']:.3f}x the wall time")
+
+
+def steps_only(args) -> None:
+    """One process: `args.steps` training steps of one kind; prints its peak RSS in MB and s/step."""
+    import resource
+    import time
+
+    from backprop_ninja.models.transformer import build_transformer
+    from backprop_ninja.optim import AdamW
+    from backprop_ninja.training.loop import Schedule, train_steps
+
+    ds, model, g = setup(args.input)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if args.steps_only == "twin":
+        train_twin(twin_of(model), ds, g, args.steps, args.batch_size, 5e-4, args.steps)
+    else:
+        if args.steps_only == "hand-recompute":
+            model = build_transformer(model.config, torch.Generator().manual_seed(LECTURE_SEED), recompute=True)
+        losses = torch.full((args.steps,), math.nan)
+        train_steps(model, AdamW(model.params), None, *ds.train, g, losses, Schedule(5e-4, args.steps),
+                    args.batch_size, 0)
+    per_step = (time.perf_counter() - start) / args.steps
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, per_step)
+
+
+def per_layer(args) -> None:
+    """Median time per step of each kind of layer's forward and backward, with the fused op pairs
+    (as trained) and with the readable ops (ops.gelu, ops.attention, ops.layernorm), step by step
+    alternated on the same batch; then whole steps of the two and of the twin, alternated."""
+    import collections
+    import time
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from backprop_ninja import ops
+    from backprop_ninja.nn import transformer_layers as tl
+
+    ds, model, g = setup(args.input)
+    torch.set_num_threads(args.threads or 1)
+    twin = twin_of(model)
+    ix = torch.randint(0, ds.train.X.shape[0], (args.batch_size,), generator=g)
+    X, Y = ds.train.X[ix], ds.train.Y[ix]
+    readable = {"fused_gelu_forward": ops.gelu_forward, "fused_gelu_backward": ops.gelu_backward,
+                "fused_attention_forward": ops.causal_attention_forward,
+                "fused_attention_backward": ops.causal_attention_backward,
+                "fused_split_heads_backward": ops.split_heads_backward,
+                "fused_layernorm_forward": ops.layernorm_forward}
+    times: dict[str, dict[str, list[float]]] = {"fused": collections.defaultdict(list),
+                                                "readable": collections.defaultdict(list)}
+    current = {"kind": "fused"}
+
+    def timed(layer, key):
+        forward, backward = layer.forward, layer.backward
+
+        def f(x, *a, **k):
+            t = time.perf_counter()
+            y = forward(x, *a, **k)
+            times[current["kind"]][key + " forward"].append(time.perf_counter() - t)
+            return y
+
+        def b(d, *a, **k):
+            t = time.perf_counter()
+            y = backward(d, *a, **k)
+            times[current["kind"]][key + " backward"].append(time.perf_counter() - t)
+            return y
+
+        layer.forward, layer.backward = f, b
+
+    for layer in model.net.leaves():
+        name = type(layer).__name__
+        if name == "Linear":
+            name += " " + "x".join(map(str, layer.params[layer.w_name].shape))
+        timed(layer, name)
+
+    def hand_step():
+        model.loss_and_grads(X, Y)
+
+    def twin_step():
+        twin.zero_grad(set_to_none=True)
+        sequence_loss(twin(X), Y).backward()
+
+    steps = {"fused": [], "readable": [], "twin": []}
+    for i in range(args.steps + 5):
+        for kind in ("fused", "readable", "twin") if i % 2 == 0 else ("twin", "readable", "fused"):
+            current["kind"] = kind
+            with ExitStack() as stack:
+                if kind == "readable":
+                    for name, op in readable.items():
+                        stack.enter_context(mock.patch.object(tl, name, op))
+                start = time.perf_counter()
+                hand_step() if kind != "twin" else twin_step()
+                if i >= 5:
+                    steps[kind].append(time.perf_counter() - start)
+    calls = collections.Counter()
+    for layer in model.net.leaves():
+        name = type(layer).__name__
+        calls[name + (" " + "x".join(map(str, layer.params[layer.w_name].shape)) if name == "Linear" else "")] += 1
+    print(f"batch {args.batch_size}, {args.steps} steps of each, alternated; ms per step (medians)")
+    print(f"{'layer':28s} {'fused':>8s} {'readable':>9s}")
+    rows = []
+    for key in times["fused"]:
+        n = calls[key.rsplit(' ', 1)[0]]
+        fused = statistics.median(times["fused"][key][5 * n:]) * n * 1e3
+        plain = statistics.median(times["readable"][key][5 * n:]) * n * 1e3 if times["readable"][key] else math.nan
+        rows.append((fused, plain, key))
+    for fused, plain, key in sorted(rows, reverse=True):
+        print(f"{key:28s} {fused:8.2f} {plain:9.2f}")
+    print(f"{'sum of the layers':28s} {sum(r[0] for r in rows):8.2f} {sum(r[1] for r in rows):9.2f}")
+    for kind, ts in steps.items():
+        print(f"whole step, {kind:9s} {statistics.median(ts) * 1e3:8.2f} ms")
+    print(f"twin / fused: {statistics.median(steps['twin']) / statistics.median(steps['fused']):.3f}x, "
+          f"twin / readable: {statistics.median(steps['twin']) / statistics.median(steps['readable']):.3f}x")
+
+
+def memory(args) -> None:
+    """Peak RSS of each kind of step in its own process, alternated over the rounds (the max is kept)."""
+    kinds = ["hand", "hand-recompute", "twin"]
+    rows: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
+    for round_ in range(args.rounds):
+        for kind in (kinds if round_ % 2 == 0 else kinds[::-1]):
+            command = [sys.executable, __file__, "--steps-only", kind, "--steps", str(args.steps),
+                       "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
+            rows[kind].append((float(out[0]), float(out[1])))
+    result = {kind: {"peak_rss_mb": max(m for m, _ in r), "s_per_step": statistics.median(t for _, t in r)}
+              for kind, r in rows.items()}
+    result |= {"steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds, "threads": args.threads}
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--input", help="word list (default: the names data set)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument("--compare", action="store_true", help="time train and the twin as whole processes")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--per-layer", action="store_true", help="where a step's time goes, layer by layer")
+    parser.add_argument("--memory", action="store_true", help="peak RSS of the training steps alone, per kind")
+    parser.add_argument("--steps-only", choices=["hand", "hand-recompute", "twin"], help=argparse.SUPPRESS)
+    parser.add_argument("train_args", nargs="*", help="more options for `backprop-ninja train` (after --)")
+    args = parser.parse_args()
+    if args.steps_only:
+        steps_only(args)
+    elif args.per_layer:
+        per_layer(args)
+    elif args.memory:
+        memory(args)
+    else:
+        compare(args) if args.compare else run_twin(args)
+
+
+if __name__ == "__main__":
+    main()
