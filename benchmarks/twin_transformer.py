@@ -25,6 +25,7 @@ tests/test_transformer.py tracks the twin against the hand-written run over 200 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -38,11 +39,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backprop_ninja.conventions import LECTURE_SEED, SAMPLE_SEED
+from backprop_ninja.conventions import LECTURE_SEED
 from backprop_ninja.data import load_dataset
 from backprop_ninja.models import build_model, get_spec
-from backprop_ninja.training.evaluation import EVAL_CHUNK
-from backprop_ninja.training.loop import SYNC_EVERY
+
+
+def _load_twins():
+    """benchmarks/twins.py (the other models' twins), whose training loop, evaluation, sampling and
+    process timing this twin shares; loaded by path, so this file runs as a script and as a module."""
+    spec = importlib.util.spec_from_file_location("twins", Path(__file__).resolve().with_name("twins.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+twins = _load_twins()
+sequence_loss, train_twin, split_losses, sample, peak_rss = (
+    twins.sequence_loss, twins.train_twin, twins.split_losses, twins.sample, twins.peak_rss)
+
 
 # ---------------------------------------------------------------------------------------------
 # makemore's Transformer, as makemore.py writes it
@@ -144,10 +158,6 @@ def twin_params(twin: Transformer, model) -> dict[str, torch.Tensor]:
     return {k: pairs[k] for k in model.params}  # our order
 
 
-def sequence_loss(logits, targets):
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-
-
 def setup(input_path: str | None = None, seed: int = LECTURE_SEED, **shape):
     """The data, the hand-written model as `train` builds it, and its generator (past the initial draws).
 
@@ -158,51 +168,6 @@ def setup(input_path: str | None = None, seed: int = LECTURE_SEED, **shape):
     g = torch.Generator().manual_seed(seed)
     model = build_model(spec.config(ds.vocab.size, block_size=ds.block_size, **({"dropout": 0.0} | shape)), g)
     return ds, model, g
-
-
-def train_twin(twin: nn.Module, ds, g: torch.Generator, steps: int, batch_size: int, lr: float, decay_step: int,
-               weight_decay: float = 0.01) -> torch.Tensor:
-    """makemore's training loop on the twin, with train's batches and schedule: the (steps,) losses."""
-    optimizer = torch.optim.AdamW(twin.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), eps=1e-8)
-    X, Y = ds.train
-    losses = torch.empty(steps)
-    step = 0
-    while step < steps:
-        end = min(steps, (step // SYNC_EVERY + 1) * SYNC_EVERY)
-        ix = torch.randint(0, X.shape[0], (end - step, batch_size), generator=g)  # as training.loop draws them
-        for row in ix:
-            for group in optimizer.param_groups:
-                group["lr"] = lr if step < decay_step else lr / 10
-            loss = sequence_loss(twin(X[row]), Y[row])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses[step] = loss.detach()
-            step += 1
-    return losses
-
-
-@torch.no_grad()
-def split_losses(twin: nn.Module, ds, chunk: int = EVAL_CHUNK) -> dict[str, float]:
-    """The mean loss per predicted character of each split, `chunk` words at a time (as train's evaluate)."""
-    result = {}
-    for name in ("train", "val", "test"):
-        X, Y = ds.split(name)
-        total = sum(F.cross_entropy(twin(x).flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").item()
-                    for x, y in zip(X.split(chunk), Y.split(chunk)))
-        result[name] = total / int((Y != -1).sum())
-    return result
-
-
-@torch.no_grad()
-def sample(twin: nn.Module, ds, n: int = 20) -> list[str]:
-    """makemore's generate: from the start token, the last position's softmax, up to block_size - 1 tokens."""
-    g = torch.Generator().manual_seed(SAMPLE_SEED)
-    idx = torch.zeros((n, 1), dtype=torch.long)
-    for _ in range(ds.block_size - 1):
-        probs = F.softmax(twin(idx)[:, -1, :], dim=-1)
-        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=g)], dim=1)
-    return [ds.vocab.decode(row[1:]) for row in idx.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,19 +186,6 @@ def run_twin(args) -> None:
     losses = split_losses(twin, ds)
     print("\n".join(f"{k} {v:.4f}" for k, v in losses.items()))
     print("\n".join(sample(twin, ds)))
-
-
-def peak_rss(command: list[str], env: dict) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) measured in a fresh wrapper, so earlier children do not count."""
-    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-               "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-               "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
-               "sys.exit(r.returncode)")
-    result = subprocess.run([sys.executable, "-c", wrapper, *command], env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stderr}")
-    wall, rss = result.stdout.split()
-    return float(wall), float(rss)
 
 
 def compare(args) -> None:
