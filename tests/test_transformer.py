@@ -546,3 +546,20 @@ def test_a_wrong_gradient_does_not_track(names_path, monkeypatch):
     losses, twin_losses, model, reference = tracked(names_path, 30, 8, **SMALL)
     with pytest.raises(AssertionError):
         assert_tracks(losses, twin_losses, model, reference)
+
+
+def test_layers_and_heads_options(capsys, write_words, tmp_path):
+    from backprop_ninja.cli import main
+
+    words = write_words(["emma", "olivia", "ava", "isabella", "sophia", "mia", "amelia", "harper", "evelyn", "aria"])
+    argv = ["train", "--model", "transformer", "--input", str(words), "--steps", "2", "--batch-size", "4",
+            "--embd", "8", "--layers", "1", "--heads", "2", "--out", str(tmp_path / "t")]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "t" / "run.json").read_text())
+    assert (record["config"]["n_layer"], record["config"]["n_head"], record["config"]["n_embd"]) == (1, 2, 8)
+    capsys.readouterr()
+    assert main([*argv[:-2], "--heads", "3", "--out", str(tmp_path / "u")]) == 2  # 8 is not a multiple of 3
+    assert "multiple of n_head 3" in capsys.readouterr().err
+    assert main(["train", "--model", "rnn", "--input", str(words), "--layers", "2", "--steps", "1",
+                 "--out", str(tmp_path / "v")]) == 2
+    assert "rnn has no n_layer" in capsys.readouterr().err

@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 64)")
     g.add_argument("--embd", type=positive_int, help="embedding width (default: the model's)")
     g.add_argument("--hidden", type=positive_int, help="hidden width (default: the model's)")
+    g.add_argument("--layers", type=positive_int, help="transformer: blocks (default: 4)")
+    g.add_argument("--heads", type=positive_int, help="transformer: attention heads, dividing --embd (default: 4)")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=positive_int, help="total training steps (default: the model's recipe)")
     # no defaults here: train fills them in, and a resumed run tells a given option from an omitted one

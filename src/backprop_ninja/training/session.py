@@ -43,6 +43,8 @@ class TrainOptions:
     block_size: int | None = None
     embd: int | None = None
     hidden: int | None = None
+    layers: int | None = None
+    heads: int | None = None
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -86,7 +88,8 @@ def start(options: TrainOptions, device: torch.device) -> Run:
                          max_word_length=options.max_word_length)
     check_trainable(data)
     ds = data.dataset
-    config = spec.config(ds.vocab.size, block_size=ds.block_size, n_embd=options.embd, n_hidden=options.hidden)
+    config = spec.config(ds.vocab.size, block_size=ds.block_size, n_embd=options.embd, n_hidden=options.hidden,
+                         n_layer=options.layers, n_head=options.heads)
     seed = LECTURE_SEED if options.seed is None else options.seed
     g = torch.Generator().manual_seed(seed)
     model = build_model(config, g).to(device)
@@ -126,6 +129,8 @@ def resume(options: TrainOptions, device: torch.device) -> Run:
         "--model": (options.model, config.model), "--block-size": (options.block_size, config.block_size),
         "--embd": (options.embd, getattr(config, "n_embd", None)),
         "--hidden": (options.hidden, getattr(config, "n_hidden", None)),
+        "--layers": (options.layers, getattr(config, "n_layer", None)),
+        "--heads": (options.heads, getattr(config, "n_head", None)),
         "--seed": (options.seed, info.seed), "--batch-size": (options.batch_size, info.batch_size),
         "--lr": (options.lr, info.lr), "--average-from": (options.average_from, info.average_from),
         "--optimizer": (options.optimizer, info.optimizer), "--weight-decay": (options.weight_decay, info.weight_decay),
