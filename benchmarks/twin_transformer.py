@@ -28,11 +28,9 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -189,35 +187,10 @@ def run_twin(args) -> None:
 
 
 def compare(args) -> None:
-    """`backprop-ninja train` and the twin alternated as whole processes (same steps, batch, threads)."""
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    cli = str(Path(sys.executable).with_name("backprop-ninja"))
-    rows = {"hand-written": [], "autograd twin": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(args.rounds):
-            hand = [cli, "train", "--model", "transformer", "--steps", str(args.steps), "--batch-size",
-                    str(args.batch_size), "--out", f"{tmp}/run{round_}", *args.train_args]
-            twin = [sys.executable, __file__, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-            if args.threads:
-                twin += ["--threads", str(args.threads)]
-            order = [("hand-written", hand), ("autograd twin", twin)]
-            for label, command in (order if round_ % 2 == 0 else order[::-1]):
-                rows[label].append(peak_rss(command, env))
-    hand_wall = statistics.median(w for w, _ in rows["hand-written"])
-    twin_wall = statistics.median(w for w, _ in rows["autograd twin"])
-    result: dict = {label: {"wall_s": statistics.median(w for w, _ in r), "walls": [w for w, _ in r],
-                            "peak_rss_mb": max(m for _, m in r)} for label, r in rows.items()}
-    result["twin / hand wall"] = twin_wall / hand_wall
-    result |= {"steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds, "threads": args.threads}
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(f"transformer: {args.steps} steps at batch {args.batch_size}, {args.rounds} alternated rounds (medians)")
-    for label in rows:
-        print(f"  {label:14s} {result[label]['wall_s']:8.2f} s   peak RSS {result[label]['peak_rss_mb']:7.0f} MB")
-    print(f"  twin / hand-written: {result['twin / hand wall']:.3f}x the wall time")
+    """`backprop-ninja train --model transformer` and the twin alternated as whole processes (twins.compare)."""
+    args.model = "transformer"
+    twin = [sys.executable, __file__] + (["--threads", str(args.threads)] if args.threads else [])
+    twins.compare(args, twin, tuple(args.train_args))
 
 
 def steps_only(args) -> None:

@@ -289,7 +289,10 @@ def peak_rss(command: list[str], env: dict) -> tuple[float, float]:
     return float(wall), float(rss)
 
 
-def compare(args) -> None:
+def compare(args, twin_command: list[str] | None = None, train_args: tuple[str, ...] = ()) -> None:
+    """`backprop-ninja train --model M` and its twin alternated as whole processes: the same steps,
+    batch and threads. twin_command: the twin's process before --steps (default: this script for
+    args.model); train_args: more options for train."""
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -298,18 +301,19 @@ def compare(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             hand = [cli, "train", "--model", args.model, "--steps", str(args.steps), "--batch-size",
-                    str(args.batch_size), "--out", f"{tmp}/run{round_}"]
-            twin = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--batch-size",
-                    str(args.batch_size)]
+                    str(args.batch_size), "--out", f"{tmp}/run{round_}", *train_args]
+            twin = [*(twin_command or [sys.executable, __file__, "--model", args.model]), "--steps", str(args.steps),
+                    "--batch-size", str(args.batch_size)]
             order = [("hand-written", hand), ("autograd twin", twin)]
             for label, command in (order if round_ % 2 == 0 else order[::-1]):
                 rows[label].append(peak_rss(command, env))
     hand_wall = statistics.median(w for w, _ in rows["hand-written"])
     twin_wall = statistics.median(w for w, _ in rows["autograd twin"])
-    result: dict = {label: {"wall_s": statistics.median(w for w, _ in r), "peak_rss_mb": max(m for _, m in r)}
-              for label, r in rows.items()}
+    result: dict = {label: {"wall_s": statistics.median(w for w, _ in r), "walls": [w for w, _ in r],
+                            "peak_rss_mb": max(m for _, m in r)} for label, r in rows.items()}
     result["hand / twin wall"] = hand_wall / twin_wall
-    result |= {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds}
+    result |= {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds,
+               "threads": args.threads}
     if args.json:
         print(json.dumps(result))
         return
