@@ -30,6 +30,7 @@ from backprop_ninja.errors import UserError
 from backprop_ninja.models import MODELS, build_model
 from backprop_ninja.models.transformer import ATTENTION_KEYS, MLP_KEYS, RESIDUAL_KEY, TransformerConfig
 from backprop_ninja.nn import Block, transformer_layers
+from backprop_ninja.ops import fused_transformer
 from backprop_ninja.optim import AdamW
 from backprop_ninja.training.checkpoint import MODEL_FILE
 from backprop_ninja.training.loop import Schedule, train_steps
@@ -225,13 +226,13 @@ def test_fused_gelu_is_ops_gelu(dtype):
     g = torch.Generator().manual_seed(20)
     x = torch.randn(3, 5, 24, generator=g, dtype=dtype) * 3  # both tails and the bend
     dout = torch.randn(3, 5, 24, generator=g, dtype=dtype)
-    out, cache = transformer_layers.fused_gelu_forward(x)
+    out, cache = fused_transformer.fused_gelu_forward(x)
     reference, reference_cache = ops.gelu_forward(x)
     judged(out, reference, "gelu forward")
-    judged(transformer_layers.fused_gelu_backward(dout, cache), ops.gelu_backward(dout, reference_cache), "dx vs ops")
+    judged(fused_transformer.fused_gelu_backward(dout, cache), ops.gelu_backward(dout, reference_cache), "dx vs ops")
     leaf = x.clone().requires_grad_(True)
     (torch.nn.functional.gelu(leaf, approximate="tanh") * dout).sum().backward()
-    judged(transformer_layers.fused_gelu_backward(dout, cache), leaf.grad, "dx vs autograd")
+    judged(fused_transformer.fused_gelu_backward(dout, cache), leaf.grad, "dx vs autograd")
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
@@ -270,7 +271,7 @@ def test_fused_layernorm_forward_is_ops_layernorm(dtype):
     g = torch.Generator().manual_seed(23)
     x = (torch.randn(3, 5, 7, generator=g, dtype=dtype) + 0.5) * 10
     weight, bias = 1 + torch.randn(7, generator=g, dtype=dtype), torch.randn(7, generator=g, dtype=dtype)
-    out, cache = transformer_layers.fused_layernorm_forward(x, weight, bias)
+    out, cache = fused_transformer.fused_layernorm_forward(x, weight, bias)
     reference, reference_cache = ops.layernorm_forward(x, weight, bias)
     judged(out, reference, "out")
     judged(cache.xhat, reference_cache.xhat, "xhat")
@@ -281,7 +282,7 @@ def test_fused_split_heads_backward_is_ops_bit_for_bit():
     g = torch.Generator().manual_seed(22)
     dq, dk, dv = (torch.randn(3, 2, 5, 4, generator=g) for _ in range(3))
     cache = ops.SplitHeadsCache(torch.Size((3, 5, 24)))
-    assert torch.equal(transformer_layers.fused_split_heads_backward(dq, dk, dv, cache),
+    assert torch.equal(fused_transformer.fused_split_heads_backward(dq, dk, dv, cache),
                        ops.split_heads_backward(dq, dk, dv, cache))
 
 
@@ -383,7 +384,7 @@ def test_check_names_the_row_where_a_wrong_layernorm_backward_enters(write_words
 
 def test_check_names_the_row_where_a_wrong_softmax_backward_enters(write_words, capsys, monkeypatch):
     no_normalising_term = lambda dout, out: out * dout  # noqa: E731
-    monkeypatch.setattr(transformer_layers, "fused_softmax_backward", no_normalising_term)
+    monkeypatch.setattr(fused_transformer, "fused_softmax_backward", no_normalising_term)
     words = write_words(WORDS)
     last = block_indices(checked_model(words))[-1]
     wrong = wrong_rows(capsys, words)
@@ -542,7 +543,7 @@ def test_a_few_steps_at_the_default_shape_track_the_twin(names_path):
 
 
 def test_a_wrong_gradient_does_not_track(names_path, monkeypatch):
-    monkeypatch.setattr(transformer_layers, "fused_softmax_backward", lambda dout, out: out * dout)
+    monkeypatch.setattr(fused_transformer, "fused_softmax_backward", lambda dout, out: out * dout)
     losses, twin_losses, model, reference = tracked(names_path, 30, 8, **SMALL)
     with pytest.raises(AssertionError):
         assert_tracks(losses, twin_losses, model, reference)
