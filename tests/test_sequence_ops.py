@@ -10,7 +10,9 @@ recurrence. The last tests break one term of each backward and show that both or
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -19,8 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backprop_ninja import ops
-from backprop_ninja.checking.finite_differences import central_differences
 from backprop_ninja.ops import recurrent
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from op_cases import Case, autograd_grads, finite_difference_grads  # noqa: E402
 
 B, T, E, H, V = 3, 5, 7, 9, 11
 FAN_IN = E + H  # a recurrent cell's Linear reads [x_t, h_{t-1}]
@@ -29,9 +34,8 @@ FAN_IN = E + H  # a recurrent cell's Linear reads [x_t, h_{t-1}]
 # a wrong backward is off by the size of the gradient itself (1e-2 and up).
 AUTOGRAD_RTOL = 1e-10
 AUTOGRAD_ATOL = 1e-12
-# torch.autograd.gradcheck's defaults for float64 central differences with eps 1e-6: correct
-# gradients land at 1e-9..1e-11 from the finite differences.
-FD_EPS = 1e-6
+# torch.autograd.gradcheck's defaults for float64 central differences with eps 1e-6 (verdict.FD_EPS,
+# op_cases): correct gradients land at 1e-9..1e-11 from the finite differences.
 FD_ATOL = 1e-5
 FD_RTOL = 1e-3
 
@@ -41,37 +45,6 @@ ORACLES = ["autograd", "finite-differences"]
 
 def rand(*shape: int, g: torch.Generator) -> Tensor:
     return torch.randn(shape, generator=g, dtype=DOUBLE)
-
-
-class Case(NamedTuple):
-    """One backward to check: its gradients and everything both oracles need to recompute them."""
-
-    names: list[str]  # of the inputs, for the failure message
-    mine: list[Tensor]  # the hand-written gradients, in the forward's input order
-    forward: Callable[..., Tensor]  # the op's own forward, for finite differences
-    reference: Callable[..., Tensor]  # the same maths in plain torch ops, for autograd
-    dout: Tensor  # the upstream gradient
-    inputs: list[Tensor]
-
-
-def autograd_grads(case: Case) -> list[Tensor]:
-    """Autograd's gradients of (reference(*inputs) * dout).sum() with respect to each input."""
-    leaves = [x.detach().clone().requires_grad_(True) for x in case.inputs]
-    (case.reference(*leaves) * case.dout).sum().backward()
-    return [leaf.grad for leaf in leaves]
-
-
-def finite_difference_grads(case: Case) -> list[Tensor]:
-    """Central differences of (forward(*inputs) * dout).sum(), every entry of every input."""
-
-    def grad_of(which: int) -> Tensor:
-        def loss_of(x: Tensor) -> Tensor:
-            inputs = case.inputs[:which] + [x] + case.inputs[which + 1:]
-            return (case.forward(*inputs) * case.dout).sum()
-
-        return central_differences(loss_of, case.inputs[which], eps=FD_EPS)
-
-    return [grad_of(which) for which in range(len(case.inputs))]
 
 
 def assert_gradients(case: Case, oracle: str) -> None:

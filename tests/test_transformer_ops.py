@@ -25,7 +25,9 @@ separate tensor ops even in the same order of operations.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -33,10 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backprop_ninja.checking.finite_differences import central_differences
-from backprop_ninja.checking.verdict import FD_EPS, Judgement, gradient_scale, judge, judge_float64_truth, scale_floor
+from backprop_ninja.checking.verdict import Judgement, gradient_scale, judge, judge_float64_truth, scale_floor
 from backprop_ninja.ops import attention, gelu, layernorm
 from backprop_ninja.ops.linear import LinearCache, linear_backward, linear_forward
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from op_cases import Case, autograd_grads, finite_difference_grads  # noqa: E402
 
 B, T, E, NH = 3, 5, 6, 2  # hs = E / NH = 3
 LARGE = 100.0  # inputs x100: logits of hundreds, past float32's exp overflow at 89
@@ -54,37 +59,6 @@ SATURATING = [pytest.param(1.0, "autograd", id="x1-autograd"),
 
 def rand(*shape: int, g: torch.Generator, dtype: torch.dtype = DOUBLE) -> Tensor:
     return torch.randn(shape, generator=g, dtype=dtype)
-
-
-class Case(NamedTuple):
-    """One backward to check: its gradients and everything both oracles need to recompute them."""
-
-    names: list[str]  # of the inputs, for the failure message
-    mine: list[Tensor]  # the hand-written gradients, in the forward's input order
-    forward: Callable[..., Tensor]  # the op's own forward, for finite differences
-    reference: Callable[..., Tensor]  # the same maths in torch's own functions, for autograd
-    dout: Tensor  # the upstream gradient
-    inputs: list[Tensor]
-
-
-def autograd_grads(case: Case, reference: Callable[..., Tensor] | None = None) -> list[Tensor]:
-    """Autograd's gradients of (reference(*inputs) * dout).sum() with respect to each input."""
-    leaves = [x.detach().clone().requires_grad_(True) for x in case.inputs]
-    ((reference or case.reference)(*leaves) * case.dout).sum().backward()
-    return [leaf.grad for leaf in leaves]
-
-
-def finite_difference_grads(case: Case) -> list[Tensor]:
-    """Central differences of (forward(*inputs) * dout).sum(), every entry of every input."""
-
-    def grad_of(which: int) -> Tensor:
-        def loss_of(x: Tensor) -> Tensor:
-            inputs = case.inputs[:which] + [x] + case.inputs[which + 1:]
-            return (case.forward(*inputs) * case.dout).sum()
-
-        return central_differences(loss_of, case.inputs[which], eps=FD_EPS)
-
-    return [grad_of(which) for which in range(len(case.inputs))]
 
 
 def verdicts(mine: list[Tensor], references: list[Tensor], finite_differences: bool) -> list[Judgement]:
