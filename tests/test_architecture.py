@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "backprop_ninja"
 
 # The layers, lowest first: a module may import from its own layer and the layers below it only.
 LAYERS = [
-    {"conventions", "errors", "files", "threads", "apart"},
+    {"conventions", "errors", "files", "threads", "apart", "native"},
     {"data"},
     {"ops"},
     {"nn"},

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.machinery
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from backprop_ninja.models import Model, is_lecture_mlp
+from backprop_ninja.native import open_library
 
 LIBRARY_STEM = "_mlp_step"  # setup.py builds backprop_ninja/_mlp_step<extension suffix>
 ABI = 1  # mlp_step_abi(): a library built from another layout of `MLP` is not loaded
@@ -44,21 +44,6 @@ class MLPPlan(ctypes.Structure):
     ]
 
 
-def open_library(stem: str, abi_function: str, abi: int) -> ctypes.CDLL | None:
-    """The extension `stem` that setup.py built beside this file, or None: not built (no compiler),
-    or stale (its ABI number is not `abi`: `pip install -e .`, or `make`, rebuilds it)."""
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"{stem}{suffix}"
-        if path.is_file():
-            break
-    else:
-        return None
-    lib = ctypes.CDLL(str(path))
-    getattr(lib, abi_function).restype = ctypes.c_int
-    return lib if getattr(lib, abi_function)() == abi else None
-
-
 def holds_cpu_float32(model: Model) -> bool:
     """Whether every parameter and buffer is a contiguous float32 CPU tensor, as the C steps need."""
     tensors = [*model.params.values(), *model.buffers.values()]
@@ -68,7 +53,7 @@ def holds_cpu_float32(model: Model) -> bool:
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     """The built step library, or None when the install could not compile it."""
-    lib = open_library(LIBRARY_STEM, "mlp_step_abi", ABI)
+    lib = open_library(Path(__file__).resolve().parent, LIBRARY_STEM, "mlp_step_abi", ABI)
     if lib is None:
         return None
     plan_p = ctypes.POINTER(MLPPlan)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from backprop_ninja.models import Model
 from backprop_ninja.nn import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
-from backprop_ninja.training.kernel import holds_cpu_float32, open_library
+from backprop_ninja.native import open_library
+from backprop_ninja.training.kernel import holds_cpu_float32
 
 LIBRARY_STEM = "_stack_step"  # setup.py builds backprop_ninja/training/_stack_step<extension suffix>
 ABI = 1  # stack_step_abi(): a library built from another layout of `Stack` is not loaded
@@ -143,7 +145,7 @@ def is_layer_stack(model: Model) -> bool:
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     """The built step library, or None when the install could not compile it (or it is stale)."""
-    lib = open_library(LIBRARY_STEM, "stack_step_abi", ABI)
+    lib = open_library(Path(__file__).resolve().parent, LIBRARY_STEM, "stack_step_abi", ABI)
     if lib is None:
         return None
     plan_p = ctypes.POINTER(StackPlan)
