@@ -16,8 +16,10 @@ setup: $(VENV)/.installed
 
 # Torch is installed on its own first, at TORCH_SPEC, so that the package's `torch>=2.10`
 # is already satisfied and pip never resolves a newer build with its CUDA packages.
-$(VENV)/.installed: pyproject.toml setup.py src/backprop_ninja/training/mlp_step.c \
-		src/backprop_ninja/training/stack_step.c src/backprop_ninja/training/step_kernels.h
+# The C sources are prerequisites: a changed one is rebuilt (setup.py's optional extensions).
+C_SOURCES   := $(wildcard src/backprop_ninja/*/*.c src/backprop_ninja/*/*.h)
+
+$(VENV)/.installed: pyproject.toml setup.py $(C_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test,notebook]"
