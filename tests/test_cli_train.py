@@ -403,3 +403,42 @@ def test_the_command_flushes_its_output_and_keeps_its_exit_code(capsys, write_wo
                           env=env, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert_one_line_error(done.returncode, done.stderr, "no such run directory")
+
+
+def test_train_help_names_every_model_and_its_recipe_defaults(capsys):
+    """The help is written without importing torch (so without the registry): it must not fall behind it."""
+    from backprop_ninja.models import MODELS
+    from backprop_ninja.training.session import OPTIMIZER_DEFAULTS
+
+    code, out, _ = cli(capsys, "train", "--help")
+    assert code == 0
+    text = " ".join(out.split())  # argparse wraps lines
+
+    def spelled(x: float) -> tuple[str, str]:  # 0.0005 or 5e-4
+        return f"{x:g}", f"{x:.0e}".replace("e-0", "e-")
+    listed = re.search(r"which network: (.*?) --block-size", text).group(1)
+    assert set(re.findall(r"[a-z][a-z-]*[a-z]", listed)) >= set(MODELS), listed
+    averaged = re.search(r"default: the model's recipe, (.*?) --no-average", text).group(1)
+    for name, spec in MODELS.items():
+        if spec.average_from is not None:
+            assert f"{spec.average_from:g} for {'the ' if name == 'transformer' else ''}{name}" in averaged, name
+        if spec.lr is not None:
+            assert any(f"{lr} for the {name}" in text for lr in spelled(spec.lr)), name
+    for optimizer, (lr, _) in OPTIMIZER_DEFAULTS.items():
+        assert any(f"{spelling} for {optimizer}" in text for spelling in spelled(lr)), optimizer
+
+
+@pytest.mark.parametrize("optimizer, expected", [(None, 2e-3), ("adamw", 2e-3), ("sgd", 0.1)])
+def test_a_models_recipe_lr_is_the_default_with_its_own_optimizer_only(capsys, write_words, tmp_path, monkeypatch,
+                                                                      optimizer, expected):
+    from dataclasses import replace
+
+    from backprop_ninja.models import MODELS
+
+    monkeypatch.setitem(MODELS, "bigram", replace(MODELS["bigram"], lr=2e-3))
+    run_dir = tmp_path / "run"
+    chosen = ["--optimizer", optimizer] if optimizer else []
+    code, _, err = cli(capsys, "train", "--model", "bigram", "--input", write_words(WORDS), "--out", run_dir,
+                       "--steps", 2, "--batch-size", 4, *chosen)
+    assert code == 0, err
+    assert json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["lr"] == expected

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plots", action="store_true", help="write the training plots into the run directory")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="which network: mlp (default, the lecture's), deep-mlp, wavenet, bigram, rnn, gru, "
-                                   "bow")
+                                   "bow, transformer")
     g.add_argument("--block-size", type=positive_int,
                    help="context length (default: the model's; for models of whole words the longest word + 1, "
                         "and at least that)")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     averaging.add_argument("--average-from", type=_fraction, metavar="F",
                            help="report the weights averaged over the steps after this fraction of the run "
                                 "(stochastic weight averaging; default: the model's recipe, 0.75 for wavenet, "
-                                "none else)")
+                                "0.7 for the transformer, none else)")
     averaging.add_argument("--no-average", action="store_true", help="report the last weights, not an average")
     g.add_argument("--verify-every", type=positive_int, metavar="N",
                    help="every N steps, check the hand-written gradients against autograd")
