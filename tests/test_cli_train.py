@@ -422,23 +422,25 @@ def test_train_help_names_every_model_and_its_recipe_defaults(capsys):
     for name, spec in MODELS.items():
         if spec.average_from is not None:
             assert f"{spec.average_from:g} for {'the ' if name == 'transformer' else ''}{name}" in averaged, name
-        if spec.lr is not None:
-            assert any(f"{lr} for the {name}" in text for lr in spelled(spec.lr)), name
+        for value in (spec.lr, spec.weight_decay):
+            if value is not None:
+                assert any(f"{spelling} for the {name}" in text for spelling in spelled(value)), name
     for optimizer, (lr, _) in OPTIMIZER_DEFAULTS.items():
         assert any(f"{spelling} for {optimizer}" in text for spelling in spelled(lr)), optimizer
 
 
-@pytest.mark.parametrize("optimizer, expected", [(None, 2e-3), ("adamw", 2e-3), ("sgd", 0.1)])
-def test_a_models_recipe_lr_is_the_default_with_its_own_optimizer_only(capsys, write_words, tmp_path, monkeypatch,
-                                                                      optimizer, expected):
+@pytest.mark.parametrize("optimizer, expected", [(None, (2e-3, 0.3)), ("adamw", (2e-3, 0.3)), ("sgd", (0.1, 0.0))])
+def test_a_models_recipe_lr_and_decay_are_the_defaults_with_its_own_optimizer_only(
+        capsys, write_words, tmp_path, monkeypatch, optimizer, expected):
     from dataclasses import replace
 
     from backprop_ninja.models import MODELS
 
-    monkeypatch.setitem(MODELS, "bigram", replace(MODELS["bigram"], lr=2e-3))
+    monkeypatch.setitem(MODELS, "bigram", replace(MODELS["bigram"], lr=2e-3, weight_decay=0.3))
     run_dir = tmp_path / "run"
     chosen = ["--optimizer", optimizer] if optimizer else []
     code, _, err = cli(capsys, "train", "--model", "bigram", "--input", write_words(WORDS), "--out", run_dir,
                        "--steps", 2, "--batch-size", 4, *chosen)
     assert code == 0, err
-    assert json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["lr"] == expected
+    record = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    assert (record["lr"], record["weight_decay"]) == expected

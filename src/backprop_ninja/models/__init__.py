@@ -43,7 +43,9 @@ class ModelSpec:
     average_from: float | None = None
     view: str = "windows"  # the data it reads: context windows, or whole words ("sequences")
     optimizer: str = "sgd"  # the default update (train --optimizer)
-    lr: float | None = None  # the recipe's learning rate with that update; None: the update's own default
+    # the recipe's learning rate and weight decay with that update; None: the update's own defaults
+    lr: float | None = None
+    weight_decay: float | None = None
 
     @property
     def block_size(self) -> int | None:

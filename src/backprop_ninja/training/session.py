@@ -96,8 +96,9 @@ def start(options: TrainOptions, device: torch.device) -> Run:
     steps = options.steps or spec.steps
     optimizer_name = options.optimizer or spec.optimizer
     default_lr, default_decay = OPTIMIZER_DEFAULTS[optimizer_name]
-    if spec.lr is not None and optimizer_name == spec.optimizer:
-        default_lr = spec.lr
+    if optimizer_name == spec.optimizer:  # the recipe's own, where it has them
+        default_lr = default_lr if spec.lr is None else spec.lr
+        default_decay = default_decay if spec.weight_decay is None else spec.weight_decay
     info = RunInfo(
         config=config, chars=ds.vocab.chars, input=data.input, input_sha256=data.sha256,
         max_word_len=max(len(w) for ws in ds.words.values() for w in ws), seed=seed,
