@@ -148,13 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     # no defaults here: train fills them in, and a resumed run tells a given option from an omitted one
     g.add_argument("--batch-size", type=batch_size_type, help="examples per step (default: 32)")
     g.add_argument("--lr", type=_positive_float,
-                   help="learning rate before the decay to lr/10 (default: 0.1 for sgd, 5e-4 for adamw)")
+                   help="learning rate before the decay to lr/10 (default: 0.1 for sgd, 5e-4 for adamw, "
+                        "2e-3 for the transformer)")
     g.add_argument("--seed", type=int, help=f"fixes initialisation and batches (default: {LECTURE_SEED})")
     g.add_argument("--optimizer", choices=("sgd", "adamw"),
                    help="the update written by hand (default: sgd for the lectures' models, adamw for makemore's "
                         "models of whole words)")
     g.add_argument("--weight-decay", type=_non_negative_float, metavar="W",
-                   help="decoupled weight decay (default: 0 for sgd, 0.01 for adamw)")
+                   help="decoupled weight decay (default: 0 for sgd, 0.01 for adamw, 0.05 for the "
+                        "transformer)")
     g.add_argument("--clip-grad-norm", type=_positive_float, metavar="X",
                    help="scale each step's gradients down to a global norm of at most X (default: off, as makemore)")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")

@@ -97,8 +97,8 @@ MODELS: dict[str, ModelSpec] = {
         build_transformer, TransformerConfig(dropout=0.1), steps=28_000, decay_at=0.7,
         summary="makemore's transformer: token + position embeddings, 4 pre-LayerNorm blocks (causal self-attention, "
                 "MLP with GELU), LayerNorm, a linear head; dropout 0.1",
-        view="sequences", optimizer="adamw",
-        average_from=0.7,  # the lr / 10 phase (docs/models.md)
+        view="sequences", optimizer="adamw", lr=2e-3, weight_decay=0.05,  # docs/models.md: the runs behind them
+        average_from=0.7,  # the lr / 10 phase
     ),
 }
 
