@@ -1,5 +1,6 @@
 """The package's compiled parts: the C training steps (src/backprop_ninja/training/mlp_step.c, the
-lecture MLP's, and stack_step.c, the deep MLP's and the wavenet's), sharing step_kernels.h.
+lecture MLP's, and stack_step.c, the deep MLP's and the wavenet's), sharing step_kernels.h; and the
+transformer's non-product ops (src/backprop_ninja/ops/transformer_kernels.c).
 
 Everything else is declared in pyproject.toml. Each step is an optional extension: where no C
 compiler is found the install still succeeds, and `train` uses the torch path (training/kernel.py,
@@ -28,6 +29,8 @@ setup(
         Extension("backprop_ninja.training._mlp_step", [f"{HERE}/mlp_step.c"], depends=SHARED,
                   extra_compile_args=FLAGS, optional=True),
         Extension("backprop_ninja.training._stack_step", [f"{HERE}/stack_step.c"], depends=SHARED,
+                  extra_compile_args=FLAGS, optional=True),
+        Extension("backprop_ninja.ops._transformer_kernels", ["src/backprop_ninja/ops/transformer_kernels.c"],
                   extra_compile_args=FLAGS, optional=True),
     ],
 )

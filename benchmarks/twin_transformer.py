@@ -13,8 +13,8 @@ makemore's and ours) do the rest. Then, as `train` ends: the split losses and 20
         # alternates `backprop-ninja train --model transformer` and the twin as whole processes:
         # wall time and peak memory, medians
     python benchmarks/twin_transformer.py --per-layer --steps 60
-        # where a hand-written step's time goes, layer by layer, with the layers' fused op pairs and
-        # with the readable ops in their place, the two alternated step by step; and the twin's step
+        # where a hand-written step's time goes, layer by layer: with the C kernels (as trained), the
+        # fused torch forms and the readable ops, alternated step by step; and the twin's step
     python benchmarks/twin_transformer.py --memory --steps 20 --batch-size 512
         # training steps only (no evaluation, no sampling), each kind in a fresh process: peak RSS
         # of the hand-written step (attention weights kept, or recomputed in the backward), the twin
@@ -218,31 +218,51 @@ def steps_only(args) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, per_step)
 
 
+def readable_forms() -> dict:
+    """native_transformer's functions -> the readable ops (ops.layernorm, ops.gelu, ops.attention) in their place."""
+    from backprop_ninja import ops
+    from backprop_ninja.ops.fused_transformer import AttentionCache
+
+    def heads_forward(qkv, n_head, recompute=False, keep=True):
+        q, k, v, split = ops.split_heads_forward(qkv, n_head)  # (B, nh, T, hs) each
+        y, attention = ops.causal_attention_forward(q, k, v, recompute)  # (B, nh, T, hs)
+        out, merge = ops.merge_heads_forward(y)  # (B, T, E)
+        return out, AttentionCache(split, attention, merge)
+
+    def heads_backward(dout, cache):
+        split, attention, merge = cache
+        dq, dk, dv = ops.causal_attention_backward(ops.merge_heads_backward(dout, merge), attention)
+        return ops.split_heads_backward(dq, dk, dv, split)  # (B, T, 3E)
+
+    return {"layernorm_forward": lambda x, w, b, eps=ops.LAYERNORM_EPS, keep=True: ops.layernorm_forward(x, w, b, eps),
+            "layernorm_backward": ops.layernorm_backward,
+            "gelu_forward": lambda x, keep=True: ops.gelu_forward(x), "gelu_backward": ops.gelu_backward,
+            "heads_forward": heads_forward, "heads_backward": heads_backward}
+
+
+KINDS = ("native", "fused", "readable")  # the C kernels (as trained), the torch forms, the readable ops
+
+
 def per_layer(args) -> None:
-    """Median time per step of each kind of layer's forward and backward, with the fused op pairs
-    (as trained) and with the readable ops (ops.gelu, ops.attention, ops.layernorm), step by step
-    alternated on the same batch; then whole steps of the two and of the twin, alternated."""
+    """Median time per step of each kind of layer's forward and backward, with the C kernels of
+    ops/native_transformer.py (as trained), with the fused torch forms (ops/fused_transformer.py, the
+    C library hidden) and with the readable ops (ops.gelu, ops.attention, ops.layernorm), step by step
+    alternated on the same batch; then whole steps of the three and of the twin, alternated."""
     import collections
     import time
     from contextlib import ExitStack
     from unittest import mock
 
-    from backprop_ninja import ops
-    from backprop_ninja.nn import transformer_layers as tl
+    from backprop_ninja.ops import native_transformer
 
     ds, model, g = setup(args.input)
     torch.set_num_threads(args.threads or 1)
     twin = twin_of(model)
     ix = torch.randint(0, ds.train.X.shape[0], (args.batch_size,), generator=g)
     X, Y = ds.train.X[ix], ds.train.Y[ix]
-    readable = {"fused_gelu_forward": ops.gelu_forward, "fused_gelu_backward": ops.gelu_backward,
-                "fused_attention_forward": ops.causal_attention_forward,
-                "fused_attention_backward": ops.causal_attention_backward,
-                "fused_split_heads_backward": ops.split_heads_backward,
-                "fused_layernorm_forward": ops.layernorm_forward}
-    times: dict[str, dict[str, list[float]]] = {"fused": collections.defaultdict(list),
-                                                "readable": collections.defaultdict(list)}
-    current = {"kind": "fused"}
+    readable = readable_forms()
+    times: dict[str, dict[str, list[float]]] = {kind: collections.defaultdict(list) for kind in KINDS}
+    current = {"kind": "native"}
 
     def timed(layer, key):
         forward, backward = layer.forward, layer.backward
@@ -261,11 +281,12 @@ def per_layer(args) -> None:
 
         layer.forward, layer.backward = f, b
 
-    for layer in model.net.leaves():
+    def key_of(layer) -> str:
         name = type(layer).__name__
-        if name == "Linear":
-            name += " " + "x".join(map(str, layer.params[layer.w_name].shape))
-        timed(layer, name)
+        return name + (" " + "x".join(map(str, layer.params[layer.w_name].shape)) if name == "Linear" else "")
+
+    for layer in model.net.leaves():
+        timed(layer, key_of(layer))
 
     def hand_step():
         model.loss_and_grads(X, Y)
@@ -274,37 +295,36 @@ def per_layer(args) -> None:
         twin.zero_grad(set_to_none=True)
         sequence_loss(twin(X), Y).backward()
 
-    steps = {"fused": [], "readable": [], "twin": []}
+    steps = {kind: [] for kind in (*KINDS, "twin")}
+    order = list(steps)
     for i in range(args.steps + 5):
-        for kind in ("fused", "readable", "twin") if i % 2 == 0 else ("twin", "readable", "fused"):
+        for kind in order if i % 2 == 0 else order[::-1]:
             current["kind"] = kind
             with ExitStack() as stack:
+                if kind == "fused":
+                    stack.enter_context(mock.patch.object(native_transformer, "load_library", lambda: None))
                 if kind == "readable":
                     for name, op in readable.items():
-                        stack.enter_context(mock.patch.object(tl, name, op))
+                        stack.enter_context(mock.patch.object(native_transformer, name, op))
                 start = time.perf_counter()
                 hand_step() if kind != "twin" else twin_step()
                 if i >= 5:
                     steps[kind].append(time.perf_counter() - start)
-    calls = collections.Counter()
-    for layer in model.net.leaves():
-        name = type(layer).__name__
-        calls[name + (" " + "x".join(map(str, layer.params[layer.w_name].shape)) if name == "Linear" else "")] += 1
+    calls = collections.Counter(key_of(layer) for layer in model.net.leaves())
     print(f"batch {args.batch_size}, {args.steps} steps of each, alternated; ms per step (medians)")
-    print(f"{'layer':28s} {'fused':>8s} {'readable':>9s}")
+    print(f"{'layer':28s} {'native':>8s} {'fused':>8s} {'readable':>9s}")
     rows = []
-    for key in times["fused"]:
+    for key in times["native"]:
         n = calls[key.rsplit(' ', 1)[0]]
-        fused = statistics.median(times["fused"][key][5 * n:]) * n * 1e3
-        plain = statistics.median(times["readable"][key][5 * n:]) * n * 1e3 if times["readable"][key] else math.nan
-        rows.append((fused, plain, key))
-    for fused, plain, key in sorted(rows, reverse=True):
-        print(f"{key:28s} {fused:8.2f} {plain:9.2f}")
-    print(f"{'sum of the layers':28s} {sum(r[0] for r in rows):8.2f} {sum(r[1] for r in rows):9.2f}")
+        rows.append(tuple(statistics.median(times[kind][key][5 * n:]) * n * 1e3 for kind in KINDS) + (key,))
+    for *ms, key in sorted(rows, reverse=True):
+        print(f"{key:28s} {ms[0]:8.2f} {ms[1]:8.2f} {ms[2]:9.2f}")
+    sums = [sum(r[i] for r in rows) for i in range(len(KINDS))]
+    print(f"{'sum of the layers':28s} {sums[0]:8.2f} {sums[1]:8.2f} {sums[2]:9.2f}")
     for kind, ts in steps.items():
         print(f"whole step, {kind:9s} {statistics.median(ts) * 1e3:8.2f} ms")
-    print(f"twin / fused: {statistics.median(steps['twin']) / statistics.median(steps['fused']):.3f}x, "
-          f"twin / readable: {statistics.median(steps['twin']) / statistics.median(steps['readable']):.3f}x")
+    twin_ms = statistics.median(steps["twin"])
+    print(", ".join(f"twin / {kind}: {twin_ms / statistics.median(steps[kind]):.3f}x" for kind in KINDS))
 
 
 def memory(args) -> None:

@@ -30,7 +30,7 @@ from backprop_ninja.errors import UserError
 from backprop_ninja.models import MODELS, build_model
 from backprop_ninja.models.transformer import ATTENTION_KEYS, MLP_KEYS, RESIDUAL_KEY, TransformerConfig
 from backprop_ninja.nn import Block, transformer_layers
-from backprop_ninja.ops import fused_transformer
+from backprop_ninja.ops import fused_transformer, native_transformer
 from backprop_ninja.optim import AdamW
 from backprop_ninja.training.checkpoint import MODEL_FILE
 from backprop_ninja.training.loop import Schedule, train_steps
@@ -64,6 +64,17 @@ def batch(model, B: int, seed: int = 1):
     lengths = torch.randint(1, T + 1, (B,), generator=g)  # (B,) at least one prediction a row
     Y[torch.arange(T) >= lengths[:, None]] = -1
     return X, Y
+
+
+@pytest.fixture(params=["c-kernels", "torch-forms"])
+def kernels(request, monkeypatch):
+    """Which code the layers run on the CPU in float32: the C kernels (ops/native_transformer.py, as
+    `train` does) or the torch forms of ops/fused_transformer.py (as on CUDA, or without a compiler)."""
+    if request.param == "c-kernels" and not native_transformer.native_available():
+        pytest.skip("the C kernels are not built")
+    if request.param == "torch-forms":
+        monkeypatch.setattr(native_transformer, "load_library", lambda: None)
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +204,7 @@ def test_recomputing_the_attention_weights_gives_the_same_gradients_bit_for_bit(
     (loss_a, grads_a), (loss_b, grads_b) = kept.loss_and_grads(X, Y), rebuilt.loss_and_grads(X, Y)
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
-    assert all(layer.cache.attention.att is None for layer in rebuilt.net.leaves() if hasattr(layer, "n_head"))
+    assert all(layer.cache.att is None for layer in rebuilt.net.leaves() if hasattr(layer, "n_head"))
 
 
 def test_inputs_times_100_stay_finite_and_right():
@@ -238,7 +249,7 @@ def test_fused_gelu_is_ops_gelu(dtype):
 @pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("T, nh, hs", [(5, 2, 3), (1, 2, 3), (4, 3, 1)], ids=["T=5", "T=1", "hs=1"])
-def test_fused_attention_is_ops_attention(T, nh, hs, dtype, recompute):
+def test_fused_attention_is_ops_attention(T, nh, hs, dtype, recompute, kernels):
     g = torch.Generator().manual_seed(21)
     qkv = torch.randn(3, T, 3 * nh * hs, generator=g, dtype=dtype)  # (B, T, 3E)
     dout = torch.randn(3, T, nh * hs, generator=g, dtype=dtype)  # (B, T, E)
@@ -532,18 +543,29 @@ def assert_tracks(losses, twin_losses, model, reference):
                                    rtol=0, atol=TWIN_PARAM_ATOL, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def test_200_steps_track_the_autograd_twin(names_path):
+def test_200_steps_track_the_autograd_twin(names_path, kernels):
     losses, twin_losses, model, reference = tracked(names_path, TWIN_STEPS, 8, **SMALL)
     assert_tracks(losses, twin_losses, model, reference)
     assert losses[-20:].mean() < losses[:20].mean() - 0.3  # both learned
 
 
-def test_a_few_steps_at_the_default_shape_track_the_twin(names_path):
+def test_a_few_steps_at_the_default_shape_track_the_twin(names_path, kernels):
     assert_tracks(*tracked(names_path, 4, 32))
 
 
-def test_a_wrong_gradient_does_not_track(names_path, monkeypatch):
-    monkeypatch.setattr(fused_transformer, "fused_softmax_backward", lambda dout, out: out * dout)
+def dq_and_dk_swapped(heads_backward):
+    def wrong(dout, cache):
+        dqkv = heads_backward(dout, cache)  # (B, T, 3E)
+        E = dqkv.shape[-1] // 3
+        return torch.cat([dqkv[..., E:2 * E], dqkv[..., :E], dqkv[..., 2 * E:]], dim=-1)
+    return wrong
+
+
+def test_a_wrong_gradient_does_not_track(names_path, monkeypatch, kernels):
+    if kernels == "c-kernels":
+        monkeypatch.setattr(native_transformer, "heads_backward", dq_and_dk_swapped(native_transformer.heads_backward))
+    else:
+        monkeypatch.setattr(fused_transformer, "fused_softmax_backward", lambda dout, out: out * dout)
     losses, twin_losses, model, reference = tracked(names_path, 30, 8, **SMALL)
     with pytest.raises(AssertionError):
         assert_tracks(losses, twin_losses, model, reference)

@@ -17,23 +17,19 @@ and every intermediate has a name: after a backward pass Block.inner_grads() hol
 sub-layer's output), keyed as Block.inner_outputs(), so `check --model transformer` prints a row per
 intermediate of every block ("L2 Block ln_1", "L2 Block att", ...) and a bug shows where it enters.
 
-Speed. GELU, the attention and LayerNorm's forward run the ops' maths in fewer passes over
-memory: the fused pairs of ops/fused_transformer.py, each the readable op of `ops` term for term
-(LayerNorm's backward is ops.layernorm_backward itself), tested against it and against autograd.
+Speed. LayerNorm, GELU and the attention's heads run the ops' maths through ops/native_transformer.py:
+in C (ops/transformer_kernels.c), one pass per forward or backward, where the tensors are contiguous
+float32 on the CPU; otherwise (float64, CUDA, autograd's reference passes, no compiler) the fused
+torch forms of ops/fused_transformer.py. Each is the readable op of `ops` term for term, tested
+against it and against autograd. In eval mode (no backward to come) they keep no cache.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
-from backprop_ninja import ops
-from backprop_ninja.ops.fused_transformer import (
-    fused_attention_backward, fused_attention_forward, fused_attention_weights, fused_gelu_backward,
-    fused_gelu_forward, fused_layernorm_forward, fused_split_heads_backward,
-)
+from backprop_ninja.ops import native_transformer
 from backprop_ninja.nn.containers import Residual, Sequential
 from backprop_ninja.nn.layers import Layer
 
@@ -47,11 +43,12 @@ class LayerNorm(Layer):
         self.params = {self.w_name: weight, self.b_name: bias}
 
     def forward(self, x: Tensor) -> Tensor:
-        out, self.cache = fused_layernorm_forward(x, self.params[self.w_name], self.params[self.b_name])  # (..., E)
+        out, self.cache = native_transformer.layernorm_forward(
+            x, self.params[self.w_name], self.params[self.b_name], keep=self.training)  # (..., E)
         return out
 
     def backward(self, dout: Tensor) -> Tensor:
-        dx, dweight, dbias = ops.layernorm_backward(dout, self.cache)  # (..., E), (E,), (E,)
+        dx, dweight, dbias = native_transformer.layernorm_backward(dout, self.cache)  # (..., E), (E,), (E,)
         self.grads = {self.w_name: dweight, self.b_name: dbias}
         return dx
 
@@ -60,27 +57,21 @@ class GELU(Layer):
     """out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3))): (..., H) -> (..., H)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out, self.cache = fused_gelu_forward(x)  # (..., H)
+        out, self.cache = native_transformer.gelu_forward(x, keep=self.training)  # (..., H)
         return out
 
     def backward(self, dout: Tensor) -> Tensor:
-        return fused_gelu_backward(dout, self.cache)  # (..., H)
+        return native_transformer.gelu_backward(dout, self.cache)  # (..., H)
 
     def __repr__(self) -> str:
         return "GELU()"
 
 
-class AttentionCache(NamedTuple):
-    split: ops.SplitHeadsCache
-    attention: ops.CausalAttentionCache
-    merge: ops.MergeHeadsCache
-
-
 class CausalSelfAttention(Layer):
     """The heads of makemore's CausalSelfAttention between its two Linears: qkv (B, T, 3E) -> y (B, T, E).
 
-    recompute=True keeps q, k, v but not the (B, nh, T, T) attention weights: the backward rebuilds
-    them (ops.causal_attention_forward), bit for bit the same gradients for less memory.
+    recompute=True keeps the heads' input but not the (B, nh, T, T) attention weights: the backward
+    rebuilds them by the forward's code, bit for bit the same gradients for less memory.
     """
 
     def __init__(self, n_head: int, recompute: bool = False) -> None:
@@ -88,28 +79,18 @@ class CausalSelfAttention(Layer):
         self.n_head, self.recompute = n_head, recompute
 
     def forward(self, qkv: Tensor) -> Tensor:
-        q, k, v, split = ops.split_heads_forward(qkv, self.n_head)  # (B, nh, T, hs) each, views
-        # copied once into their own memory: each is read by two products here and two in the backward,
-        # and a product of a strided view copies it first, every time
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (B, nh, T, hs) each
-        y, attention = fused_attention_forward(q, k, v, recompute=self.recompute)  # (B, nh, T, hs)
-        out, merge = ops.merge_heads_forward(y)  # (B, T, E)
-        self.cache = AttentionCache(split, attention, merge)
+        # q, k, v = split_heads(qkv); y = softmax(masked(q @ k^T / sqrt(hs))) @ v; out = merge_heads(y)
+        out, self.cache = native_transformer.heads_forward(qkv, self.n_head, self.recompute,
+                                                           keep=self.training)  # (B, T, E)
         return out
 
     def backward(self, dout: Tensor) -> Tensor:
-        split, attention, merge = self.cache
-        # In the forward pass this was: out = merge_heads(y)
-        dy = ops.merge_heads_backward(dout, merge).contiguous()  # (B, nh, T, hs), once: two products read it
-        # In the forward pass this was: y = softmax(masked(q @ k^T / sqrt(hs))) @ v
-        dq, dk, dv = fused_attention_backward(dy, attention)  # (B, nh, T, hs) each
-        # In the forward pass this was: q, k, v = split_heads(qkv)
-        return fused_split_heads_backward(dq, dk, dv, split)  # (B, T, 3E)
+        # In the forward pass this was: out = merge_heads(att @ v), att = softmax(masked(q @ k^T / sqrt(hs)))
+        return native_transformer.heads_backward(dout, self.cache)  # (B, T, 3E)
 
     def attention_weights(self) -> Tensor:
-        """att (B, nh, T, T) of the last forward pass (rebuilt from q, k when it was not kept)."""
-        _, attention, _ = self.cache
-        return attention.att if attention.att is not None else fused_attention_weights(attention.q, attention.k)
+        """att (B, nh, T, T) of the last training-mode forward pass (rebuilt from q, k when it was not kept)."""
+        return native_transformer.heads_weights(self.cache)
 
     def __repr__(self) -> str:
         return f"CausalSelfAttention(n_head={self.n_head}{', recompute' if self.recompute else ''})"

@@ -1,5 +1,7 @@
 """Fused forms of the transformer's op pairs: the maths of ops.layernorm, ops.gelu and ops.attention
-in fewer passes over memory, for nn.transformer_layers. Conventions: backprop_ninja.conventions.
+in fewer passes over memory, in torch. Conventions: backprop_ninja.conventions. nn.transformer_layers
+runs them through ops.native_transformer wherever its C kernels do not apply (float64, CUDA, the
+autograd reference passes, no compiler).
 
 On this machine a fresh (B, T, 4E) temporary costs more than the arithmetic on it, and each op
 call costs microseconds (docs/speed.md, "the transformer"): these update fresh tensors in place,
@@ -14,15 +16,17 @@ reads both).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from backprop_ninja.ops.attention import CausalAttentionCache, SplitHeadsCache, causal_mask
+from backprop_ninja.ops.attention import (
+    CausalAttentionCache, MergeHeadsCache, SplitHeadsCache, causal_mask, merge_heads_backward, merge_heads_forward,
+    split_heads_forward,
+)
 from backprop_ninja.ops.gelu import GELU_BETA, GELU_KAPPA, GELUCache
 from backprop_ninja.ops.layernorm import LAYERNORM_EPS, LayerNormCache
-
-
 
 
 def fused_layernorm_forward(x: Tensor, weight: Tensor, bias: Tensor,
@@ -57,6 +61,42 @@ def fused_gelu_backward(dout: Tensor, cache: GELUCache) -> Tensor:
     dx.addcmul_(dx, tanh_inner * tanh_inner, value=-1)  # right's derivative: times (1 - tanh(inner)**2)
     dx.add_(tanh_inner, alpha=0.5).add_(0.5)  # + left's derivative 0.5 * (1 + tanh(inner))
     return dx.mul_(dout)  # (..., H)
+
+
+class AttentionCache(NamedTuple):
+    """fused_heads_forward's: the three ops' caches."""
+
+    split: SplitHeadsCache
+    attention: CausalAttentionCache
+    merge: MergeHeadsCache
+
+    @property
+    def att(self) -> Tensor | None:
+        """The attention weights (B, nh, T, T) kept, or None (recompute), as native_transformer.HeadsCache.att."""
+        return self.attention.att
+
+
+def fused_heads_forward(qkv: Tensor, n_head: int, recompute: bool = False) -> tuple[Tensor, AttentionCache]:
+    """The heads between makemore's two Linears: qkv (B, T, 3E) -> split_heads -> causal attention ->
+    merge_heads -> y (B, T, E)."""
+    q, k, v, split = split_heads_forward(qkv, n_head)  # (B, nh, T, hs) each, views
+    # copied once into their own memory: each is read by two products here and two in the backward,
+    # and a product of a strided view copies it first, every time
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (B, nh, T, hs) each
+    y, attention = fused_attention_forward(q, k, v, recompute=recompute)  # (B, nh, T, hs)
+    out, merge = merge_heads_forward(y)  # (B, T, E)
+    return out, AttentionCache(split, attention, merge)
+
+
+def fused_heads_backward(dout: Tensor, cache: AttentionCache) -> Tensor:
+    """dqkv (B, T, 3E) from dout (B, T, E)."""
+    split, attention, merge = cache
+    # In the forward pass this was: out = merge_heads(y)
+    dy = merge_heads_backward(dout, merge).contiguous()  # (B, nh, T, hs), once: two products read it
+    # In the forward pass this was: y = softmax(masked(q @ k^T / sqrt(hs))) @ v
+    dq, dk, dv = fused_attention_backward(dy, attention)  # (B, nh, T, hs) each
+    # In the forward pass this was: q, k, v = split_heads(qkv)
+    return fused_split_heads_backward(dq, dk, dv, split)  # (B, T, 3E)
 
 
 def fused_attention_forward(q: Tensor, k: Tensor, v: Tensor,

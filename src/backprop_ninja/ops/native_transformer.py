@@ -1,0 +1,240 @@
+"""The transformer's non-product ops in C (ops/transformer_kernels.c), with the torch forms as fallback.
+
+GELU, LayerNorm and the heads of causal self-attention, each forward and its hand-written backward
+one C function of one pass, called through ctypes on the tensors' own storage: the maths of
+ops.gelu, ops.layernorm and ops.attention term for term (the C file quotes their lines), in float32,
+where the torch forms (ops.fused_transformer) dispatch an op, and make a tensor, per line. The
+attention reads q, k, v straight from the qkv Linear's (B, T, 3E) output and writes y as (B, T, E)
+and the gradient as (B, T, 3E): the split and merge copies go too. docs/speed.md has the figures.
+
+Each function falls back to the torch form unless the library was built (an optional extension,
+setup.py) for a CPU that runs its vector code (x86-64 with AVX2 and FMA) and every tensor is a
+contiguous float32 CPU tensor outside autograd: float64 (the checks), CUDA and the autograd
+reference passes run on torch, as before. The caches are the ops' own (LayerNormCache, GELUCache),
+so either backward reads either forward's; the attention's is HeadsCache on the C path,
+fused_transformer.AttentionCache on torch's. tests/test_native_transformer.py holds each kernel to
+the readable op through the verdict.
+
+    out, cache = layernorm_forward(x, weight, bias)   # (..., E)
+    dx, dweight, dbias = layernorm_backward(dout, cache)
+    out, cache = gelu_forward(x)                      # (..., H)
+    dx = gelu_backward(dout, cache)
+    y, cache = heads_forward(qkv, n_head)             # (B, T, 3E) -> (B, T, E)
+    dqkv = heads_backward(dy, cache)                  # (B, T, E) -> (B, T, 3E)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from backprop_ninja import ops  # ops.layernorm_backward looked up at each call: the check tests replace it
+from backprop_ninja.native import open_library
+from backprop_ninja.ops import fused_transformer
+from backprop_ninja.ops.attention import CausalAttentionCache, MergeHeadsCache, split_heads_forward
+from backprop_ninja.ops.fused_transformer import AttentionCache
+from backprop_ninja.ops.gelu import GELU_BETA, GELU_KAPPA, GELUCache
+from backprop_ninja.ops.layernorm import LAYERNORM_EPS, LayerNormCache
+
+LIBRARY_STEM = "_transformer_kernels"  # setup.py builds backprop_ninja/ops/_transformer_kernels<suffix>
+ABI = 1  # transformer_kernels_abi(): a library built for other arguments is not loaded
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """The built kernels, or None: the install could not compile them (or they are stale), or this
+    CPU would run their portable copy, which is slower than torch (x86-64 without AVX2 and FMA, and
+    every other architecture, where they were never measured)."""
+    lib = open_library(Path(__file__).resolve().parent, LIBRARY_STEM, "transformer_kernels_abi", ABI)
+    if lib is None:
+        return None
+    lib.transformer_kernels_are_vectorized.restype = ctypes.c_int
+    if not lib.transformer_kernels_are_vectorized():
+        return None
+    signatures = {
+        "gelu_forward": ([_i64, _ptr, _f32, _f32, _ptr, _ptr], None),
+        "gelu_backward": ([_i64, _ptr, _ptr, _ptr, _f32, _f32, _ptr], None),
+        "layernorm_forward": ([_i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr], ctypes.c_int),
+        "layernorm_backward": ([_i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr], ctypes.c_int),
+        "attention_forward": ([_i64, _i64, _i64, _i64, _ptr, _f32, _ptr, _ptr], ctypes.c_int),
+        "attention_backward": ([_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr], ctypes.c_int),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
+    return lib
+
+
+def native_available() -> bool:
+    """Whether the install built the C kernels and this CPU runs their vector code."""
+    return load_library() is not None
+
+
+def _library_for(*tensors: Tensor) -> ctypes.CDLL | None:
+    """The library, when it is built and every tensor is one it computes: contiguous float32 on the
+    CPU, and no autograd to record (the reference passes differentiate the torch forms)."""
+    lib = load_library()
+    if lib is None:
+        return None
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or (grad and t.requires_grad):
+            return None
+    return lib
+
+
+def _checked(status: int) -> None:
+    if status != 0:
+        raise MemoryError("the transformer kernels could not allocate their scratch memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm: out = (x - mean) * rstd * weight + bias over the last dim (ops.layernorm)
+
+
+def layernorm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float = LAYERNORM_EPS,
+                      keep: bool = True) -> tuple[Tensor, LayerNormCache | None]:
+    """ops.layernorm_forward in one pass a row: out, and the cache (xhat, rstd) unless keep=False
+    (eval mode: no backward to come, so neither is written)."""
+    lib = _library_for(x, weight, bias)
+    if lib is None:
+        out, cache = fused_transformer.fused_layernorm_forward(x, weight, bias, eps)
+        return out, cache if keep else None
+    E = x.shape[-1]
+    if weight.shape != (E,) or bias.shape != (E,):  # the op's own message
+        return ops.layernorm_forward(x, weight, bias, eps)
+    out = torch.empty_like(x)  # (..., E)
+    xhat = torch.empty_like(x) if keep else None  # (..., E)
+    rstd = x.new_empty(*x.shape[:-1], 1) if keep else None  # (..., 1)
+    _checked(lib.layernorm_forward(x.numel() // max(E, 1), E, x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                                   eps, out.data_ptr(), xhat.data_ptr() if keep else None,
+                                   rstd.data_ptr() if keep else None))
+    return out, LayerNormCache(xhat, rstd, weight) if keep else None
+
+
+def layernorm_backward(dout: Tensor, cache: LayerNormCache) -> tuple[Tensor, Tensor, Tensor]:
+    """ops.layernorm_backward in one pass a row: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
+    dxhat = dout * weight; dweight = sum(dout * xhat), dbias = sum(dout) over the rows."""
+    xhat, rstd, weight = cache
+    lib = _library_for(dout, xhat, rstd, weight)
+    if lib is None:
+        return ops.layernorm_backward(dout, cache)  # the torch form's backward is the op itself
+    E = weight.shape[0]
+    dx = torch.empty_like(dout)  # (..., E)
+    dweight, dbias = weight.new_empty(E), weight.new_empty(E)  # (E,), (E,)
+    _checked(lib.layernorm_backward(dout.numel() // max(E, 1), E, dout.data_ptr(), xhat.data_ptr(), rstd.data_ptr(),
+                                    weight.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr()))
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU, the tanh approximation: out = 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3))) (ops.gelu)
+
+
+def gelu_forward(x: Tensor, keep: bool = True) -> tuple[Tensor, GELUCache | None]:
+    """ops.gelu_forward in one pass: out, and the cache (x, tanh_inner) unless keep=False (eval mode)."""
+    lib = _library_for(x)
+    if lib is None:
+        out, cache = fused_transformer.fused_gelu_forward(x)
+        return out, cache if keep else None
+    out = torch.empty_like(x)  # (..., H)
+    tanh_inner = torch.empty_like(x) if keep else None  # (..., H)
+    lib.gelu_forward(x.numel(), x.data_ptr(), GELU_BETA, GELU_KAPPA, out.data_ptr(),
+                     tanh_inner.data_ptr() if keep else None)
+    return out, GELUCache(x, tanh_inner) if keep else None
+
+
+def gelu_backward(dout: Tensor, cache: GELUCache) -> Tensor:
+    """ops.gelu_backward in one pass: dout * (0.5 * (1 + tanh(inner)) + 0.5 x (1 - tanh(inner)**2) inner'(x))."""
+    x, tanh_inner = cache
+    lib = _library_for(dout, x, tanh_inner)
+    if lib is None or dout.shape != x.shape:
+        return fused_transformer.fused_gelu_backward(dout, cache)
+    dx = torch.empty_like(dout)  # (..., H)
+    lib.gelu_backward(dx.numel(), dout.data_ptr(), x.data_ptr(), tanh_inner.data_ptr(), GELU_BETA, GELU_KAPPA,
+                      dx.data_ptr())
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# the heads of causal self-attention: qkv (B, T, 3E) -> y (B, T, E), ops.split_heads, then
+# ops.causal_attention, then ops.merge_heads
+
+
+class HeadsCache(NamedTuple):
+    """What the C backward reads: the heads' input itself (the qkv Linear's output, which its Branch
+    keeps anyway), so no copy of q, k, v."""
+
+    qkv: Tensor  # (B, T, 3E) q, k, v side by side
+    att: Tensor | None  # (B, nh, T, T) the attention weights; None with recompute: rebuilt from q, k
+    n_head: int
+    scale: float  # 1 / sqrt(hs), the scores' scale
+
+
+def attention_scale(hs: int) -> float:
+    """makemore's (1.0 / math.sqrt(k.size(-1)))."""
+    return 1.0 / math.sqrt(hs)
+
+
+def heads_forward(qkv: Tensor, n_head: int, recompute: bool = False,
+                  keep: bool = True) -> tuple[Tensor, HeadsCache | AttentionCache | None]:
+    """y = merge_heads(softmax(masked(q @ k^T / sqrt(hs))) @ v) for q, k, v = split_heads(qkv), one
+    pass per (example, head). The cache keeps att, (B, nh, T, T), unless recompute=True (the backward
+    rebuilds it by the same code, so the same floats); no cache with keep=False (eval mode)."""
+    lib = _library_for(qkv)
+    if lib is None or qkv.ndim != 3 or n_head < 1 or qkv.shape[2] % (3 * n_head):
+        out, cache = fused_transformer.fused_heads_forward(qkv, n_head, recompute)  # its own errors
+        return out, cache if keep else None
+    B, T, three_e = qkv.shape
+    E = three_e // 3
+    hs = E // n_head
+    scale = attention_scale(hs)
+    y = qkv.new_empty(B, T, E)  # (B, T, E)
+    att = qkv.new_empty(B, n_head, T, T) if keep and not recompute else None  # (B, nh, T, T)
+    _checked(lib.attention_forward(B, T, n_head, hs, qkv.data_ptr(), scale, y.data_ptr(),
+                                   att.data_ptr() if att is not None else None))
+    return y, HeadsCache(qkv, att, n_head, scale) if keep else None
+
+
+def heads_backward(dy: Tensor, cache: HeadsCache | AttentionCache) -> Tensor:
+    """dqkv (B, T, 3E): dq, dk, dv of ops.causal_attention_backward, side by side as q, k, v in qkv."""
+    if isinstance(cache, AttentionCache):
+        return fused_transformer.fused_heads_backward(dy, cache)
+    qkv, att, n_head, scale = cache
+    lib = _library_for(dy, qkv, *([att] if att is not None else []))
+    if lib is None:  # a dy the C code does not take (strided, or recorded by autograd): torch's backward
+        return fused_transformer.fused_heads_backward(dy, torch_heads_cache(cache))
+    B, T, three_e = qkv.shape
+    dqkv = torch.empty_like(qkv)  # (B, T, 3E)
+    _checked(lib.attention_backward(B, T, n_head, three_e // (3 * n_head), qkv.data_ptr(),
+                                    att.data_ptr() if att is not None else None, dy.data_ptr(), scale,
+                                    dqkv.data_ptr()))
+    return dqkv
+
+
+def heads_weights(cache: HeadsCache | AttentionCache) -> Tensor:
+    """att (B, nh, T, T) of the forward pass that made `cache` (rebuilt from q, k when it was not kept,
+    by the code that made the forward's)."""
+    if isinstance(cache, HeadsCache):
+        if cache.att is not None:
+            return cache.att
+        _, rebuilt = heads_forward(cache.qkv, cache.n_head)  # the same kernel: the same floats
+        return rebuilt.att
+    attention = cache.attention
+    return attention.att if attention.att is not None else fused_transformer.fused_attention_weights(
+        attention.q, attention.k)
+
+
+def torch_heads_cache(cache: HeadsCache) -> AttentionCache:
+    """The torch form's cache of the same forward pass: q, k, v split from qkv, att as kept."""
+    q, k, v, split = split_heads_forward(cache.qkv, cache.n_head)  # (B, nh, T, hs) each, views
+    return AttentionCache(split, CausalAttentionCache(q.contiguous(), k.contiguous(), v.contiguous(), cache.att),
+                          MergeHeadsCache(cache.n_head))

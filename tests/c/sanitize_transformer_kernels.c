@@ -1,0 +1,76 @@
+/* transformer_kernels.c under AddressSanitizer and UndefinedBehaviorSanitizer (tests/test_native_transformer.py
+ * builds and runs it).
+ *
+ * Every buffer is allocated at exactly the size the kernel may touch, so a read or write one float
+ * past any of them stops the run. The shapes leave the vector loops remainders (widths of 1, 7, 67),
+ * run the attention's 16 x 16 tiles (T, hs <= 16: full ones, and partial ones down to T = 1 and
+ * hs = 1) and its other code (T or hs past 16); every kernel runs with its caches and without (eval
+ * mode), the attention backward from kept weights and recomputing them. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "../../src/backprop_ninja/ops/transformer_kernels.c"
+
+static float *floats(int64_t n, unsigned seed) {
+    float *p = malloc((n > 0 ? n : 1) * sizeof *p);
+    srand(seed);
+    for (int64_t i = 0; i < n; i++) p[i] = 4.0f * ((float)rand() / RAND_MAX - 0.5f);
+    return p;
+}
+
+static int all_finite(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(p[i])) return 0;
+    return 1;
+}
+
+/* GELU over n entries, LayerNorm over R rows of width E: 1 when every result is finite. */
+static int elementwise(int64_t n, int64_t R, int64_t E) {
+    float *x = floats(n, 1), *dout = floats(n, 2), *out = floats(n, 3), *t = floats(n, 4), *dx = floats(n, 5);
+    gelu_forward(n, x, 0.7978845608f, 0.044715f, out, t);
+    gelu_forward(n, x, 0.7978845608f, 0.044715f, out, NULL);
+    gelu_backward(n, dout, x, t, 0.7978845608f, 0.044715f, dx);
+    int ok = all_finite(out, n) && all_finite(t, n) && all_finite(dx, n);
+    free(x), free(dout), free(out), free(t), free(dx);
+    float *lx = floats(R * E, 6), *w = floats(E, 7), *b = floats(E, 8), *lo = floats(R * E, 9), *xh = floats(R * E, 10);
+    float *rs = floats(R, 11), *ld = floats(R * E, 12), *ldx = floats(R * E, 13);
+    float *dw = floats(E, 14), *db = floats(E, 15);
+    ok &= layernorm_forward(R, E, lx, w, b, 1e-5f, lo, xh, rs) == 0;
+    ok &= layernorm_forward(R, E, lx, w, b, 1e-5f, lo, NULL, NULL) == 0;
+    ok &= layernorm_backward(R, E, ld, xh, rs, w, ldx, dw, db) == 0;
+    ok &= all_finite(lo, R * E) && all_finite(xh, R * E) && all_finite(rs, R) && all_finite(ldx, R * E);
+    ok &= all_finite(dw, E) && all_finite(db, E);
+    free(lx), free(w), free(b), free(lo), free(xh), free(rs), free(ld), free(ldx), free(dw), free(db);
+    return ok;
+}
+
+/* The heads of B examples of T positions, nh heads of hs features: 1 when every result is finite. */
+static int heads(int64_t B, int64_t T, int64_t nh, int64_t hs) {
+    const int64_t E = nh * hs;
+    float *qkv = floats(B * T * 3 * E, 20), *y = floats(B * T * E, 21), *att = floats(B * nh * T * T, 22);
+    float *dy = floats(B * T * E, 23), *dqkv = floats(B * T * 3 * E, 24);
+    const float scale = 1.0f / sqrtf((float)hs);
+    int ok = attention_forward(B, T, nh, hs, qkv, scale, y, att) == 0;
+    ok &= attention_forward(B, T, nh, hs, qkv, scale, y, NULL) == 0;
+    ok &= attention_backward(B, T, nh, hs, qkv, att, dy, scale, dqkv) == 0 && all_finite(dqkv, B * T * 3 * E);
+    ok &= attention_backward(B, T, nh, hs, qkv, NULL, dy, scale, dqkv) == 0 && all_finite(dqkv, B * T * 3 * E);
+    ok &= all_finite(y, B * T * E) && all_finite(att, B * nh * T * T);
+    free(qkv), free(y), free(att), free(dy), free(dqkv);
+    return ok;
+}
+
+int main(void) {
+    int shapes = 0, ok = 1;
+    const int64_t widths[][3] = {{1, 1, 1}, {7, 7, 1}, {131, 3, 67}, {4096, 64, 64}};  /* n; R, E */
+    for (int i = 0; i < 4; i++, shapes++) ok &= elementwise(widths[i][0], widths[i][1], widths[i][2]);
+    const int64_t shape[][4] = {{2, 1, 2, 3}, {3, 4, 3, 1}, {2, 16, 4, 16}, {1, 5, 2, 3},  /* tiles */
+                                {2, 17, 2, 16}, {1, 16, 1, 17}};  /* the other code */
+    for (int i = 0; i < 6; i++, shapes++) ok &= heads(shape[i][0], shape[i][1], shape[i][2], shape[i][3]);
+    if (!ok) {
+        printf("a kernel failed or gave a non-finite result\n");
+        return 1;
+    }
+    printf("sanitized: %d shapes clean\n", shapes);
+    return 0;
+}

@@ -1,0 +1,352 @@
+"""The transformer's C kernels (ops/native_transformer.py, ops/transformer_kernels.c) against the readable ops.
+
+Each kernel's float32 result is judged by the package's one verdict against the readable op
+(ops.layernorm, ops.gelu, ops.attention) computed in float64 on the same numbers
+(judge_float64_truth: the truth rounded to float32, within float32's rounding bound of the scale),
+on odd shapes: T = 1, head size 1, widths that leave every vector loop a remainder, shapes past
+the attention's 16 x 16 tiles (its other code), inputs x100. The tests must be able to fail: a
+result off by 1e-3 of its scale in one entry is called wrong, and so is a kernel given a wrong
+constant (GELU's 0.044715, LayerNorm's eps, the attention's 1/sqrt(hs)). Where the kernels do not
+apply (float64, strided tensors, autograd, no library) the torch forms run, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from backprop_ninja import ops
+from backprop_ninja.checking.verdict import gradient_scale, judge, judge_float64_truth, scale_floor
+from backprop_ninja.models import build_model
+from backprop_ninja.models.transformer import TransformerConfig
+from backprop_ninja.ops import fused_transformer, native_transformer
+from backprop_ninja.ops.native_transformer import HeadsCache
+
+needs_kernels = pytest.mark.skipif(not native_transformer.native_available(), reason="the C kernels are not built")
+pytestmark = needs_kernels
+
+F32, F64 = torch.float32, torch.float64
+LARGE = 100.0  # inputs x100: scores of thousands, a saturated softmax and GELU
+
+
+def rand(*shape: int, g: torch.Generator) -> Tensor:
+    return torch.randn(shape, generator=g, dtype=F32)
+
+
+def wrong_verdicts(mine: list[Tensor], truths: list[Tensor]) -> list[str]:
+    """The reason for each result the verdict calls wrong against its float64 truth, as "name: reason"
+    (empty when every one is right). The scale: each truth's largest entry, never below SCALE_FLOOR
+    of the largest of the check."""
+    floor = scale_floor(truths)
+    wrong = []
+    for i, (m, truth) in enumerate(zip(mine, truths)):
+        verdict = judge_float64_truth(m, truth, F32, gradient_scale(truth, floor))
+        if not verdict.right:
+            wrong.append(f"result {i}: {verdict.reason}")
+    return wrong
+
+
+def assert_right(mine: list[Tensor], truths: list[Tensor]) -> None:
+    wrong = wrong_verdicts(mine, truths)
+    assert not wrong, "; ".join(wrong)
+    # ... and the same check can fail: one entry off by 1e-3 of its scale is wrong
+    for i, (m, truth) in enumerate(zip(mine, truths)):
+        slipped = m.clone()
+        slipped.view(-1)[m.numel() // 2] += 1e-3 * gradient_scale(truth, scale_floor(truths))
+        assert wrong_verdicts(mine[:i] + [slipped] + mine[i + 1:], truths), f"result {i}: a slip passed"
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm
+
+
+def layernorm_results(x: Tensor, weight: Tensor, bias: Tensor, dout: Tensor, eps: float = ops.LAYERNORM_EPS):
+    out, cache = native_transformer.layernorm_forward(x, weight, bias, eps)
+    return [out, cache.xhat, cache.rstd, *native_transformer.layernorm_backward(dout, cache)]
+
+
+def layernorm_truths(x: Tensor, weight: Tensor, bias: Tensor, dout: Tensor):
+    out, cache = ops.layernorm_forward(x.double(), weight.double(), bias.double())
+    return [out, cache.xhat, cache.rstd, *ops.layernorm_backward(dout.double(), cache)]
+
+
+LAYERNORM_SHAPES = {"B,T,E": (3, 5, 6), "E=64": (2, 16, 64), "E=67": (4, 3, 67), "E=8": (5, 8), "E=1": (3, 4, 1),
+                    "one row": (1, 1, 13), "2d": (7, 5)}
+
+
+def layernorm_inputs(shape, scale: float, seed: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    width = shape[-1]
+    x = (rand(*shape, g=g) + 0.5) * scale  # an offset: the mean's term is not ~0
+    weight, bias = 1 + 0.5 * rand(width, g=g), rand(width, g=g)
+    return x, weight, bias, rand(*shape, g=g)
+
+
+@pytest.mark.parametrize("scale", [1.0, LARGE], ids=["x1", "x100"])
+@pytest.mark.parametrize("shape", LAYERNORM_SHAPES)
+def test_layernorm_kernels_are_the_readable_op(shape, scale):
+    inputs = layernorm_inputs(LAYERNORM_SHAPES[shape], scale)
+    mine, truths = layernorm_results(*inputs), layernorm_truths(*inputs)
+    if shape == "E=1":  # x - mean is exactly 0: out = bias, dx and dweight exactly 0, as the op's
+        assert torch.equal(mine[3], torch.zeros_like(mine[3])) and torch.equal(mine[4], torch.zeros_like(mine[4]))
+    assert_right(mine, truths)
+
+
+def test_layernorm_with_another_eps_is_wrong():
+    inputs = layernorm_inputs((3, 5, 6), 1.0)
+    x = inputs[0] * 0.05  # var ~ 2.5e-3: eps 1e-3 instead of 1e-5 moves rstd by ~20%
+    inputs = (x, *inputs[1:])
+    assert not wrong_verdicts(layernorm_results(*inputs), layernorm_truths(*inputs))
+    assert wrong_verdicts(layernorm_results(*inputs, eps=1e-3), layernorm_truths(*inputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU
+
+
+GELU_SHAPES = {"B,T,4E": (3, 5, 24), "MLP": (2, 16, 256), "odd": (3, 7, 37), "one": (1,), "17": (17,)}
+
+
+def gelu_inputs(shape, scale: float):
+    g = torch.Generator().manual_seed(20)
+    return rand(*shape, g=g) * 3 * scale, rand(*shape, g=g)  # both tails and the bend
+
+
+def gelu_results(x: Tensor, dout: Tensor):
+    out, cache = native_transformer.gelu_forward(x)
+    return [out, cache.tanh_inner, native_transformer.gelu_backward(dout, cache)]
+
+
+def gelu_truths(x: Tensor, dout: Tensor):
+    out, cache = ops.gelu_forward(x.double())
+    return [out, cache.tanh_inner, ops.gelu_backward(dout.double(), cache)]
+
+
+@pytest.mark.parametrize("scale", [1.0, LARGE], ids=["x1", "x100"])
+@pytest.mark.parametrize("shape", GELU_SHAPES)
+def test_gelu_kernels_are_the_readable_op(shape, scale):
+    x, dout = gelu_inputs(GELU_SHAPES[shape], scale)
+    assert_right(gelu_results(x, dout), gelu_truths(x, dout))
+
+
+def test_the_kernels_tanh_is_right_to_a_few_ulp_at_every_argument():
+    """GELU's kernel with beta 1 and kappa 0 computes tanh(x) itself: within 3 units of the last place
+    of the float64 tanh (torch's float32 tanh: 0.6), 2 relative (through expm1, not (e^2u - 1) / (e^2u + 1),
+    which loses every digit as u -> 0), exactly +-1 from 10 on, NaN for NaN."""
+    u = torch.cat([torch.logspace(-38, 1.5, 20000), torch.linspace(0, 12, 200001),
+                   torch.tensor([1e6, 1e12])])  # x**3 stays finite, so kappa x**3 is 0
+    u = torch.cat([u, -u])  # (440006,)
+    lib = native_transformer.load_library()
+    out, tanh_u = torch.empty_like(u), torch.empty_like(u)  # (440006,) each, alive over the call
+    lib.gelu_forward(u.numel(), u.data_ptr(), 1.0, 0.0, out.data_ptr(), tanh_u.data_ptr())
+    truth = torch.tanh(u.double())
+    error = (tanh_u.double() - truth).abs()
+    ulp = torch.finfo(F32).eps * 2.0 ** torch.floor(torch.log2(truth.abs().clamp_min(1e-37)))  # of each result
+    assert (error / ulp).max() < 3 and (error / truth.abs().clamp_min(1e-300)).max() < 2 * torch.finfo(F32).eps
+    assert (tanh_u[u.abs() >= 10].abs() == 1).all() and torch.equal(tanh_u.sign(), u.sign())
+    nan, out = torch.tensor([math.nan]), torch.empty(1)
+    lib.gelu_forward(1, nan.data_ptr(), 1.0, 0.0, out.data_ptr(), tanh_u.data_ptr())
+    assert out.isnan().all() and tanh_u[0].isnan()
+
+
+def test_gelu_with_another_kappa_is_wrong(monkeypatch):
+    x, dout = gelu_inputs((3, 5, 24), 1.0)
+    monkeypatch.setattr(native_transformer, "GELU_KAPPA", 0.045)
+    assert wrong_verdicts(gelu_results(x, dout), gelu_truths(x, dout))
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention's heads: qkv (B, T, 3E) -> y (B, T, E)
+
+
+def heads_truths(qkv: Tensor, dy: Tensor, n_head: int):
+    """The readable ops in float64: split_heads, causal_attention, merge_heads, and back."""
+    q, k, v, split = ops.split_heads_forward(qkv.double(), n_head)
+    y, cache = ops.causal_attention_forward(q, k, v)
+    out, merge = ops.merge_heads_forward(y)
+    dq, dk, dv = ops.causal_attention_backward(ops.merge_heads_backward(dy.double(), merge), cache)
+    return [out, cache.att, ops.split_heads_backward(dq, dk, dv, split)]
+
+
+def heads_results(qkv: Tensor, dy: Tensor, n_head: int, recompute: bool = False):
+    y, cache = native_transformer.heads_forward(qkv, n_head, recompute)
+    assert isinstance(cache, HeadsCache)  # the C path
+    return [y, native_transformer.heads_weights(cache), native_transformer.heads_backward(dy, cache)]
+
+
+# B, T, nh, hs: the 16 x 16 tiles (T <= 16, hs <= 16) and the other code (T or hs past 16)
+HEADS_SHAPES = {"T=5,hs=3": (3, 5, 2, 3), "T=1": (2, 1, 2, 3), "hs=1": (3, 4, 3, 1), "one head": (2, 6, 1, 5),
+                "makemore": (2, 16, 4, 16), "T=17": (2, 17, 2, 16), "hs=17": (2, 16, 1, 17), "T=33,hs=2": (1, 33, 3, 2)}
+
+
+def heads_inputs(shape, scale: float, seed: int = 30):
+    B, T, nh, hs = shape
+    g = torch.Generator().manual_seed(seed)
+    return rand(B, T, 3 * nh * hs, g=g) * scale, rand(B, T, nh * hs, g=g), nh
+
+
+@pytest.mark.parametrize("scale", [1.0, LARGE], ids=["x1", "x100"])
+@pytest.mark.parametrize("shape", HEADS_SHAPES)
+def test_attention_kernels_are_the_readable_ops(shape, scale):
+    qkv, dy, nh = heads_inputs(HEADS_SHAPES[shape], scale)
+    mine = heads_results(qkv, dy, nh)
+    assert_right(mine, heads_truths(qkv, dy, nh))
+    T = qkv.shape[1]
+    assert torch.equal(mine[1].masked_select(ops.causal_mask(T)), torch.zeros(mine[1].shape[0] * nh * T * (T - 1) // 2))
+    if scale == LARGE:  # saturated: some query reads one key only
+        assert ops.attention_entropy(mine[1]).min() < 0.05 or T == 1
+
+
+@pytest.mark.parametrize("shape", ["T=5,hs=3", "makemore", "T=17"])
+def test_recomputed_attention_weights_give_the_same_floats(shape):
+    qkv, dy, nh = heads_inputs(HEADS_SHAPES[shape], 1.0)
+    kept, rebuilt = heads_results(qkv, dy, nh), heads_results(qkv, dy, nh, recompute=True)
+    assert all(torch.equal(a, b) for a, b in zip(kept, rebuilt))
+
+
+def test_one_position_attends_to_itself_exactly_and_no_position_reads_the_future():
+    qkv, dy, nh = heads_inputs((2, 1, 2, 3), 1.0)
+    y, att, _ = heads_results(qkv, dy, nh)
+    assert torch.equal(y, qkv[:, :, 12:]) and torch.equal(att, torch.ones_like(att))  # y = v, att = 1
+    qkv, dy, nh = heads_inputs((2, 7, 2, 3), 1.0)
+    dy[:, 1:] = 0  # a gradient at the first position only: it read q, k, v of position 0 alone
+    dqkv = heads_results(qkv, dy, nh)[2]
+    assert torch.equal(dqkv[:, 1:], torch.zeros_like(dqkv[:, 1:]))
+    assert torch.equal(dqkv[:, 0, 12:], dy[:, 0])  # dv = att^T dy with att = 1
+    assert torch.equal(dqkv[:, 0, :12], torch.zeros(2, 12))  # one key: the softmax's gradient is 0
+
+
+def test_attention_with_another_scale_or_a_wrong_backward_is_wrong(monkeypatch):
+    qkv, dy, nh = heads_inputs((3, 5, 2, 3), 1.0)
+    truths = heads_truths(qkv, dy, nh)
+    right = native_transformer.heads_backward
+    monkeypatch.setattr(native_transformer, "heads_backward",
+                        lambda dy, cache: right(dy, cache._replace(scale=cache.scale * 1.01)))
+    assert [reason[:8] for reason in wrong_verdicts(heads_results(qkv, dy, nh), truths)] == ["result 2"]
+    monkeypatch.undo()
+    monkeypatch.setattr(native_transformer, "attention_scale", lambda hs: 1.0 / hs)  # forward and backward
+    assert len(wrong_verdicts(heads_results(qkv, dy, nh), truths)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# where the kernels apply, and where the torch forms run instead
+
+
+def torch_forms(x: Tensor, qkv: Tensor, dy: Tensor, weight: Tensor, bias: Tensor) -> list[Tensor]:
+    out, cache = fused_transformer.fused_layernorm_forward(x, weight, bias)
+    g_out, g_cache = fused_transformer.fused_gelu_forward(x)
+    h_out, h_cache = fused_transformer.fused_heads_forward(qkv, 2)
+    return [out, *ops.layernorm_backward(x, cache), g_out, fused_transformer.fused_gelu_backward(x, g_cache), h_out,
+            fused_transformer.fused_heads_backward(dy, h_cache)]
+
+
+def native_forms(x: Tensor, qkv: Tensor, dy: Tensor, weight: Tensor, bias: Tensor) -> list[Tensor]:
+    out, cache = native_transformer.layernorm_forward(x, weight, bias)
+    g_out, g_cache = native_transformer.gelu_forward(x)
+    h_out, h_cache = native_transformer.heads_forward(qkv, 2)
+    return [out, *native_transformer.layernorm_backward(x, cache), g_out, native_transformer.gelu_backward(x, g_cache),
+            h_out, native_transformer.heads_backward(dy, h_cache)]
+
+
+def small_inputs(dtype=F32):
+    g = torch.Generator().manual_seed(40)
+    x, qkv, dy = rand(3, 5, 6, g=g), rand(3, 5, 18, g=g), rand(3, 5, 6, g=g)
+    return [t.to(dtype) for t in (x, qkv, dy, 1 + rand(6, g=g), rand(6, g=g))]
+
+
+@pytest.mark.parametrize("case", ["float64", "strided", "no library"])
+def test_elsewhere_the_torch_forms_run_bit_for_bit(case, monkeypatch):
+    inputs = small_inputs(F64 if case == "float64" else F32)
+    if case == "strided":  # the same values, not contiguous (the parameters stay as they are)
+        inputs = [t.transpose(0, 1).contiguous().transpose(0, 1) if t.ndim == 3 else t for t in inputs]
+        assert not any(t.is_contiguous() for t in inputs[:3])
+    if case == "no library":
+        monkeypatch.setattr(native_transformer, "load_library", lambda: None)
+    mine, theirs = native_forms(*inputs), torch_forms(*inputs)
+    assert all(torch.equal(m, t) for m, t in zip(mine, theirs))
+    if case != "no library":  # and the kernels do run on contiguous float32
+        kernels = native_forms(*[t.to(F32).contiguous() for t in inputs])
+        assert not all(torch.equal(m, t.to(F32)) for m, t in zip(kernels, theirs))
+
+
+def test_autograd_records_the_torch_forms():
+    """The reference passes (check --model, --verify-every) differentiate the forward with autograd."""
+    x, qkv, _, weight, bias = small_inputs()
+    leaves = [t.clone().requires_grad_(True) for t in (x, qkv, weight)]
+    out = native_transformer.layernorm_forward(leaves[0], leaves[2], bias)[0]
+    loss = (native_transformer.gelu_forward(out)[0] + native_transformer.heads_forward(leaves[1], 2)[0]).sum()
+    loss.backward()
+    assert all(leaf.grad is not None and bool(leaf.grad.abs().sum() > 0) for leaf in leaves)
+
+
+def test_eval_mode_keeps_no_cache_and_computes_the_same_floats():
+    x, qkv, _, weight, bias = small_inputs()
+    nt = native_transformer
+    for kept, bare in [(nt.layernorm_forward(x, weight, bias), nt.layernorm_forward(x, weight, bias, keep=False)),
+                       (nt.gelu_forward(x), nt.gelu_forward(x, keep=False)),
+                       (nt.heads_forward(qkv, 2), nt.heads_forward(qkv, 2, keep=False))]:
+        assert bare[1] is None and torch.equal(kept[0], bare[0])
+
+
+def test_the_kernels_are_deterministic_and_never_write_their_inputs():
+    inputs = small_inputs()
+    before = [t.clone() for t in inputs]
+    first, second = native_forms(*inputs), native_forms(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(inputs, before))
+
+
+def test_a_nan_input_gives_nan_never_a_silent_number():
+    x, qkv, dy, weight, bias = small_inputs()
+    x[1, 2, 3] = qkv[1, 2, 0] = math.nan
+    out, _ = native_transformer.layernorm_forward(x, weight, bias)
+    assert out[1, 2].isnan().all() and not out[0].isnan().any()  # its row only
+    out, _ = native_transformer.gelu_forward(x)
+    assert out.isnan().sum() == 1 and out[1, 2, 3].isnan()
+    y, _ = native_transformer.heads_forward(qkv, 2)  # q of position 2, head 0, in example 1
+    assert y[1, 2, :3].isnan().all() and not y[0].isnan().any() and not y[1, :2].isnan().any()
+
+
+def test_a_model_on_the_kernels_gets_the_torch_forms_gradients(monkeypatch):
+    config = TransformerConfig("transformer", vocab_size=11, block_size=7, n_layer=2, n_head=2, n_embd=10)
+    model = build_model(config, torch.Generator().manual_seed(50))
+    g = torch.Generator().manual_seed(51)
+    X, Y = torch.randint(0, 11, (6, 7), generator=g), torch.randint(0, 11, (6, 7), generator=g)
+    loss, grads = model.loss_and_grads(X, Y)
+    grads = dict(grads)
+    assert all(isinstance(layer.cache, HeadsCache) for layer in model.net.leaves() if hasattr(layer, "n_head"))
+    monkeypatch.setattr(native_transformer, "load_library", lambda: None)
+    torch_loss, torch_grads = model.loss_and_grads(X, Y)
+    floor = scale_floor(torch_grads.values())
+    assert judge(loss.reshape(1), torch_loss.reshape(1)).right
+    for name, grad in torch_grads.items():
+        verdict = judge(grads[name], grad, gradient_scale(grad, floor))
+        assert verdict.right, f"{name}: {verdict.reason}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA on this machine")
+def test_cuda_tensors_take_the_torch_forms():
+    inputs = [t.cuda() for t in small_inputs()]
+    assert all(torch.equal(m, t) for m, t in zip(native_forms(*inputs), torch_forms(*inputs)))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory safety
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc to build the sanitized kernels")
+def test_the_kernels_are_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    """tests/c/sanitize_transformer_kernels.c: odd shapes, buffers of exactly the size each kernel may touch."""
+    source = Path(__file__).parent / "c" / "sanitize_transformer_kernels.c"
+    binary = tmp_path / "sanitize_transformer_kernels"
+    subprocess.run(["gcc", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                    "-fno-omit-frame-pointer", "-Wno-psabi", str(source), "-o", str(binary), "-lm"], check=True)
+    done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "sanitized: 10 shapes clean"
