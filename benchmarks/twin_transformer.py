@@ -180,7 +180,8 @@ def run_twin(args) -> None:
     del model
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_twin(twin, ds, g, args.steps, args.batch_size, 5e-4, int(spec.decay_at * args.steps))
+    train_twin(twin, ds, g, args.steps, args.batch_size, spec.lr, int(spec.decay_at * args.steps),
+               weight_decay=spec.weight_decay)  # the recipe's, as `train` takes them
     losses = split_losses(twin, ds)
     print("\n".join(f"{k} {v:.4f}" for k, v in losses.items()))
     print("\n".join(sample(twin, ds)))
