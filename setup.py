@@ -32,5 +32,7 @@ setup(
                   extra_compile_args=FLAGS, optional=True),
         Extension("backprop_ninja.ops._transformer_kernels", ["src/backprop_ninja/ops/transformer_kernels.c"],
                   extra_compile_args=FLAGS, optional=True),
+        Extension("backprop_ninja.ops._sequence_kernels", ["src/backprop_ninja/ops/sequence_kernels.c"],
+                  depends=SHARED, extra_compile_args=FLAGS, optional=True),
     ],
 )

@@ -1,13 +1,14 @@
 """What one training step of each sequence model costs, hand-written against its autograd twin, and where it goes.
 
 For each model (bigram, rnn, gru, bow): the hand-written model as `train` builds it (twins.setup) and
-makemore's module holding the same values (twins.twin_of). Both take the same batches of 32 words;
+makemore's module holding the same values (twins.twin_of). All take the same batches of 32 words;
 a step is
 
     hand-written   loss, grads = model.loss_and_grads(Xb, Yb); AdamW.step(...)     (under torch.no_grad())
+    C step         the same in one call (training/sequence_kernel.py): the step `train` takes
     autograd twin  loss = F.cross_entropy(...); zero_grad; loss.backward(); torch.optim.AdamW.step()
 
-timed in alternating rounds of `--steps` steps each (one thread; the machine is shared, so the two
+timed in alternating rounds of `--steps` steps each (one thread; the machine is shared, so the
 sides always run side by side in one process), the figures the medians over the rounds. Then one
 profile of the hand-written step (torch.profiler, self CPU time per op) and per layer (forward and
 backward, manual timers), and with --memory the peak resident memory (VmHWM) of --steps steps of
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from backprop_ninja.optim import AdamW
+from backprop_ninja.training.sequence_kernel import make_sequence_stepper
 
 TWINS_PATH = Path(__file__).resolve().parent / "twins.py"
 LR = 5e-4
@@ -62,6 +64,14 @@ class Hand:
             self.optimizer.step(self.model.params, grads, LR)
 
 
+class CStep:
+    def __init__(self, model, batch_size: int = 32) -> None:
+        self.stepper = make_sequence_stepper(model, AdamW(model.params, weight_decay=0.01), batch_size)
+
+    def step(self, Xb, Yb) -> None:
+        self.stepper.step(Xb, Yb, LR)
+
+
 class Twin:
     def __init__(self, twin) -> None:
         self.twin = twin
@@ -84,17 +94,24 @@ def per_step_ms(side, Xs, Ys) -> float:
 def time_model(name: str, steps: int, rounds: int, batch_size: int) -> dict:
     ds, model, g = twins.setup(name)
     sides = {"hand": Hand(model), "twin": Twin(twins.twin_of(model))}
+    _, c_model, _ = twins.setup(name)
+    if make_sequence_stepper(c_model, AdamW(c_model.params), batch_size) is not None:  # the library is built
+        sides["c"] = CStep(c_model, batch_size)
     Xs, Ys = batches(ds, g, steps, batch_size)
     for side in sides.values():  # warm up
         per_step_ms(side, Xs[:20], Ys[:20])
     times = {label: [] for label in sides}
     for round_ in range(rounds):
-        order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
+        order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]  # hand, twin, c; then c, twin, hand
         for label in order:
             times[label].append(per_step_ms(sides[label], Xs, Ys))
     hand, twin = statistics.median(times["hand"]), statistics.median(times["twin"])
-    return {"model": name, "hand_ms": hand, "twin_ms": twin, "hand/twin": hand / twin,
-            "hand_all": times["hand"], "twin_all": times["twin"]}
+    result = {"model": name, "hand_ms": hand, "twin_ms": twin, "hand/twin": hand / twin,
+              "hand_all": times["hand"], "twin_all": times["twin"]}
+    if "c" in times:
+        c = statistics.median(times["c"])
+        result |= {"c_ms": c, "c/twin": c / twin, "c_all": times["c"]}
+    return result
 
 
 def profile_model(name: str, batch_size: int, steps: int = 100, top: int = 18) -> None:
@@ -150,7 +167,7 @@ def peak_memory(name: str, side: str, steps: int, batch_size: int) -> float:
     code = (f"import sys; sys.path.insert(0, {str(TWINS_PATH.parent)!r}); "
             f"import torch; torch.set_num_threads(1); import sequence_step_costs as s; "
             f"ds, model, g = s.twins.setup({name!r}); "
-            f"side = s.Hand(model) if {side!r} == 'hand' else s.Twin(s.twins.twin_of(model)); "
+            f"side = {{'hand': s.Hand, 'c': s.CStep, 'twin': lambda m: s.Twin(s.twins.twin_of(m))}}[{side!r}](model); "
             f"Xs, Ys = s.batches(ds, g, {steps}, {batch_size}); s.per_step_ms(side, Xs, Ys); "
             f"print([int(line.split()[1]) / 1024 for line in open('/proc/self/status') if line.startswith('VmHWM')][0])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -174,12 +191,19 @@ def main() -> None:
         if args.memory:
             r["hand_peak_rss_mb"] = peak_memory(name, "hand", args.steps, args.batch_size)
             r["twin_peak_rss_mb"] = peak_memory(name, "twin", args.steps, args.batch_size)
+            if "c_ms" in r:
+                r["c_peak_rss_mb"] = peak_memory(name, "c", args.steps, args.batch_size)
         results.append(r)
         if not args.json:
             line = (f"{name:7s} hand {r['hand_ms']:6.2f} ms  twin {r['twin_ms']:6.2f} ms  "
-                    f"hand/twin {r['hand/twin']:.3f}  (medians of {args.rounds} rounds of {args.steps} steps)")
+                    f"hand/twin {r['hand/twin']:.3f}")
+            if "c_ms" in r:
+                line += f"  C step {r['c_ms']:6.3f} ms  C/twin {r['c/twin']:.3f}"
+            line += f"  (medians of {args.rounds} rounds of {args.steps} steps)"
             if args.memory:
                 line += f"  peak RSS hand {r['hand_peak_rss_mb']:.0f} MB, twin {r['twin_peak_rss_mb']:.0f} MB"
+                if "c_peak_rss_mb" in r:
+                    line += f", C step {r['c_peak_rss_mb']:.0f} MB"
             print(line, flush=True)
         if args.profile:
             profile_model(name, args.batch_size)

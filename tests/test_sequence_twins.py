@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ import torch
 
 from backprop_ninja.optim import AdamW
 from backprop_ninja.training.loop import Schedule, train_steps
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import slipped_kernels  # noqa: E402
 
 TWINS_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "twins.py"
 STEPS = 200
@@ -57,11 +62,18 @@ def test_200_steps_track_the_autograd_twin(name, names_path):
     assert losses[-20:].mean() < losses[:20].mean() - 0.03  # both learned
 
 
-def test_a_wrong_gradient_does_not_track(names_path, monkeypatch):
-    """The tracking can fail: the rnn's tanh backward without its 1 - h**2 drifts off the twin."""
+@pytest.mark.parametrize("where", ["readable ops", "C loop"])
+def test_a_wrong_gradient_does_not_track(names_path, monkeypatch, tmp_path, where):
+    """The tracking can fail: the rnn's tanh backward without its 1 - h**2 drifts off the twin, in the
+    readable ops (the layers' C loop off) or in a build of the C loop with that slip (the layers take
+    the C loop in float32, as train_steps runs them here)."""
     from backprop_ninja.ops import recurrent
 
-    monkeypatch.setattr(recurrent, "tanh_backward", lambda dout, cache: dout)
+    if where == "readable ops":
+        monkeypatch.setattr(recurrent, "tanh_backward", lambda dout, cache: dout)
+        slipped_kernels.use(monkeypatch, None)
+    else:
+        slipped_kernels.use(monkeypatch, slipped_kernels.slipped_library(tmp_path, "rnn tanh"))
     losses, twin_losses, model, twin = tracked_runs("rnn", names_path, steps=50)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(losses, twin_losses, rtol=TWIN_LOSS_RTOL, atol=0)

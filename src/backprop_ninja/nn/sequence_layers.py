@@ -3,7 +3,8 @@ the positions apart where it must.
 
     PositionEmbedding   x + P[:T], one learned vector per position
     CausalBoW           each position averages itself and the positions before it
-    RNN, GRU            a learned start state, then the cell over every position (ops.recurrent)
+    RNN, GRU            a learned start state, then the cell over every position (ops.recurrent;
+                        in C, ops.native_recurrent, on contiguous float32 CPU tensors outside autograd)
 
 RNN and GRU also keep, after a backward pass, dL/dh_t of every step (`dh`, (B, T, H)) and the
 part of it that came from the step's own output (`dout`): the training diagnostics plot its norm
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from backprop_ninja import ops
 from backprop_ninja.nn.layers import Layer
+from backprop_ninja.ops import native_recurrent
 
 
 class PositionEmbedding(Layer):
@@ -55,10 +57,12 @@ class Recurrent(Layer):
     """A recurrent cell over every position from a learned (1, H) start state: (B, T, E) -> (B, T, H).
 
     Parameter names: the start state's, then the cell's weights and biases in the op's order.
+    The ops are native_recurrent's: the C loop where the tensors allow it, else ops.recurrent's
+    (float64 in `check --model`, autograd's reference pass, CUDA).
     """
 
-    forward_op = staticmethod(ops.rnn_forward)
-    backward_op = staticmethod(ops.rnn_backward)
+    forward_op = staticmethod(native_recurrent.rnn_forward)
+    backward_op = staticmethod(native_recurrent.rnn_backward)
 
     def __init__(self, start: Tensor, weights: dict[str, Tensor], start_name: str = "start") -> None:
         super().__init__()
@@ -97,5 +101,5 @@ class RNN(Recurrent):
 class GRU(Recurrent):
     """makemore's GRU cell (ops.recurrent): reset and update gates, a candidate state, their blend."""
 
-    forward_op = staticmethod(ops.gru_forward)
-    backward_op = staticmethod(ops.gru_backward)
+    forward_op = staticmethod(native_recurrent.gru_forward)
+    backward_op = staticmethod(native_recurrent.gru_backward)

@@ -7,11 +7,13 @@
 
 The readable path runs the three stages. A fused step (the lecture MLP's torch step in fused.py,
 its C step in kernel.py; the C step of a stack of layers in stack_kernel.py, for deep-mlp and
-wavenet) computes forward, backward and an SGD update in one call, folding the update into the
-backward: nothing can run between them. Each declares what it supports; `choose` takes one only
-where it applies (the lecture MLP or a stack of Embedding, FlattenConsecutive, Linear, BatchNorm1d
-and Tanh layers, SGD without weight decay, one process) and where it is the faster step at the
-batch's work, and the run records which one ran (run.json's `stepper`), since each rounds differently.
+wavenet; the C step of makemore's models of whole words with AdamW in sequence_kernel.py) computes forward,
+backward and the update in one call, folding the update into the backward: nothing can run between
+them. Each declares what it supports; `choose` takes one only where it applies (the lecture MLP or
+a stack of Embedding, FlattenConsecutive, Linear, BatchNorm1d and Tanh layers with SGD without
+weight decay; bigram, rnn, gru and bow over whole words with AdamW; one process) and where
+it is the faster step at the batch's work, and the run records which one ran (run.json's `stepper`),
+since each rounds differently.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from typing import Protocol
 from torch import Tensor
 
 from backprop_ninja.models import Model, is_lecture_mlp
-from backprop_ninja.optim import SGD, Optimizer
-from backprop_ninja.training import fused, kernel, stack_kernel
+from backprop_ninja.optim import SGD, AdamW, Optimizer
+from backprop_ninja.training import fused, kernel, sequence_kernel, stack_kernel
 
 EAGER = "eager"  # the readable three-stage step
 
@@ -40,7 +42,12 @@ class FusedStep(Protocol):
 
 def fused_supports(model: Model, optimizer: Optimizer, processes: int = 1) -> str | None:
     """Why no fused step applies (None: one does). They compute the lecture MLP, or a stack of layers
-    (stack_kernel.layer_stack: deep-mlp, wavenet), with plain SGD, alone."""
+    (stack_kernel.layer_stack: deep-mlp, wavenet), with plain SGD, or makemore's models of whole
+    words (sequence_kernel.sequence_parts: bigram, rnn, gru, bow) with AdamW, alone."""
+    if sequence_kernel.is_sequence_model(model):
+        if type(optimizer) is not AdamW:
+            return "the optimizer is not AdamW, which the C step of a model of whole words runs"
+        return "the gradients are reduced across processes" if processes != 1 else None
     if not is_lecture_mlp(model):
         stack = stack_kernel.layer_stack(model)
         if isinstance(stack, str):
@@ -57,10 +64,15 @@ def choose(model: Model, optimizer: Optimizer, batch_size: int, fast: bool = Tru
 
     The lecture MLP: its C step where it runs its AVX2 code, else the fused torch step. A stack of
     layers: its C step where it runs its AVX2 code and wins at this batch's work per step
-    (stack_kernel.c_step_wins, from measurements); else the three stages on torch's threads.
+    (stack_kernel.c_step_wins, from measurements); else the three stages on torch's threads. A model
+    of whole words: its C step where it runs its AVX2 code (docs/speed.md has the measurements);
+    else the three stages.
     """
     if not fast or fused_supports(model, optimizer) is not None:
         return None
+    if sequence_kernel.is_sequence_model(model):
+        return sequence_kernel.make_sequence_stepper(model, optimizer, batch_size) if (
+            sequence_kernel.sequence_kernel_is_fast()) else None
     if is_lecture_mlp(model):
         step = kernel.make_kernel_stepper(model, batch_size) if kernel.kernel_is_fast() else None
         return step or fused.FastMLPStepper(model, batch_size)
