@@ -1,6 +1,7 @@
 """The package's compiled parts: the C training steps (src/backprop_ninja/training/mlp_step.c, the
 lecture MLP's, and stack_step.c, the deep MLP's and the wavenet's), sharing step_kernels.h; and the
-transformer's non-product ops (src/backprop_ninja/ops/transformer_kernels.c).
+transformer's non-product ops (src/backprop_ninja/ops/transformer_kernels.c); and the models of whole
+words' (src/backprop_ninja/ops/sequence_kernels.c: the RNN and GRU cells, and the C sequence step).
 
 Everything else is declared in pyproject.toml. Each step is an optional extension: where no C
 compiler is found the install still succeeds, and `train` uses the torch path (training/kernel.py,

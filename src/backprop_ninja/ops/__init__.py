@@ -10,7 +10,8 @@ conventions (dimension letters, the gradient policy, the weight layout, BatchNor
 Bessel's correction) are stated once, in backprop_ninja.conventions.
 
 One module per family: embedding, shape (flatten), linear, activations, batchnorm, loss.
-For the sequence models: gates (sigmoid), sequence_loss, causal (bag of words), recurrent (RNN, GRU),
+For the sequence models: gates (sigmoid), sequence_loss, causal (bag of words), recurrent (RNN, GRU)
+and native_recurrent (their loop over a sequence in C, sequence_kernels.c, where the tensors allow it),
 and embedding's position table. For the transformer: layernorm, gelu, attention (softmax, the qkv split
 into heads, causal attention, the head merge), fused_transformer (the same maths in fewer passes) and
 native_transformer (the same maths in C, transformer_kernels.c, where the tensors allow it).
