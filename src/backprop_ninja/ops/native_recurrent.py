@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from backprop_ninja.native import open_library
+from backprop_ninja.native import computes_natively, open_library, set_signatures
 from backprop_ninja.ops import recurrent
 
 LIBRARY_STEM = "_sequence_kernels"  # setup.py builds backprop_ninja/ops/_sequence_kernels<suffix>
@@ -58,10 +58,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "gru_forward": ([*sizes, _i64] + [_ptr] * 12, None),
         "gru_backward": ([*sizes, _i64] + [_ptr] * 19, None),
     }
-    for name, (argtypes, restype) in signatures.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, restype
-    return lib
+    return set_signatures(lib, signatures)
 
 
 def native_available() -> bool:
@@ -74,12 +71,8 @@ def _library_for(x: Tensor, h0: Tensor, weights: tuple[Tensor, ...]) -> ctypes.C
     no autograd to record: the reference passes differentiate the readable ops) and the shapes are
     the op's; otherwise None, and the readable op runs (and raises its own errors)."""
     lib = load_library()
-    if lib is None:
+    if lib is None or not computes_natively((x, h0, *weights)):
         return None
-    grad = torch.is_grad_enabled()
-    for t in (x, h0, *weights):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or (grad and t.requires_grad):
-            return None
     if x.ndim != 3 or min(x.shape) < 1 or h0.ndim != 2:
         return None
     batch, _, E = x.shape

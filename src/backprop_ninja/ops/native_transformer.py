@@ -34,10 +34,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from backprop_ninja import ops  # ops.layernorm_backward looked up at each call: the check tests replace it
-from backprop_ninja.native import open_library
+from backprop_ninja import (
+    ops,  # ops.layernorm_backward looked up at each call: the check tests replace it
+)
+from backprop_ninja.native import computes_natively, open_library, set_signatures
 from backprop_ninja.ops import fused_transformer
-from backprop_ninja.ops.attention import CausalAttentionCache, MergeHeadsCache, split_heads_forward
+from backprop_ninja.ops.attention import (
+    CausalAttentionCache,
+    MergeHeadsCache,
+    split_heads_forward,
+)
 from backprop_ninja.ops.fused_transformer import AttentionCache
 from backprop_ninja.ops.gelu import GELU_BETA, GELU_KAPPA, GELUCache
 from backprop_ninja.ops.layernorm import LAYERNORM_EPS, LayerNormCache
@@ -67,10 +73,7 @@ def load_library() -> ctypes.CDLL | None:
         "attention_forward": ([_i64, _i64, _i64, _i64, _ptr, _f32, _ptr, _ptr], ctypes.c_int),
         "attention_backward": ([_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr], ctypes.c_int),
     }
-    for name, (argtypes, restype) in signatures.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, restype
-    return lib
+    return set_signatures(lib, signatures)
 
 
 def native_available() -> bool:
@@ -82,13 +85,7 @@ def _library_for(*tensors: Tensor) -> ctypes.CDLL | None:
     """The library, when it is built and every tensor is one it computes: contiguous float32 on the
     CPU, and no autograd to record (the reference passes differentiate the torch forms)."""
     lib = load_library()
-    if lib is None:
-        return None
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or (grad and t.requires_grad):
-            return None
-    return lib
+    return lib if lib is not None and computes_natively(tensors) else None
 
 
 def _checked(status: int) -> None:

@@ -26,11 +26,10 @@ import torch
 from torch import Tensor
 
 from backprop_ninja.models import Model, is_lecture_mlp
-from backprop_ninja.native import open_library
+from backprop_ninja.native import FLOAT_P, is_cpu_float32, open_library, set_signatures
 
 LIBRARY_STEM = "_mlp_step"  # setup.py builds backprop_ninja/_mlp_step<extension suffix>
 ABI = 1  # mlp_step_abi(): a library built from another layout of `MLP` is not loaded
-_float_p = ctypes.POINTER(ctypes.c_float)
 
 
 class MLPPlan(ctypes.Structure):
@@ -38,8 +37,8 @@ class MLPPlan(ctypes.Structure):
 
     _fields_ = [
         ("T", ctypes.c_int64), ("E", ctypes.c_int64), ("H", ctypes.c_int64), ("V", ctypes.c_int64),
-        ("C", _float_p), ("W1", _float_p), ("b1", _float_p), ("gain", _float_p), ("bias", _float_p),
-        ("running_mean", _float_p), ("running_var", _float_p), ("W2", _float_p), ("b2", _float_p),
+        ("C", FLOAT_P), ("W1", FLOAT_P), ("b1", FLOAT_P), ("gain", FLOAT_P), ("bias", FLOAT_P),
+        ("running_mean", FLOAT_P), ("running_var", FLOAT_P), ("W2", FLOAT_P), ("b2", FLOAT_P),
         ("momentum", ctypes.c_float), ("eps", ctypes.c_float),
     ]
 
@@ -47,7 +46,7 @@ class MLPPlan(ctypes.Structure):
 def holds_cpu_float32(model: Model) -> bool:
     """Whether every parameter and buffer is a contiguous float32 CPU tensor, as the C steps need."""
     tensors = [*model.params.values(), *model.buffers.values()]
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    return all(map(is_cpu_float32, tensors))
 
 
 @functools.cache
@@ -57,19 +56,14 @@ def load_library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     plan_p = ctypes.POINTER(MLPPlan)
-    lib.mlp_workspace_floats.argtypes = [plan_p, ctypes.c_int64]
-    lib.mlp_workspace_floats.restype = ctypes.c_int64
-    lib.mlp_step.argtypes = [plan_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
-                             ctypes.c_void_p]
-    lib.mlp_step.restype = ctypes.c_float
-    lib.mlp_steps.argtypes = [plan_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    lib.mlp_steps.restype = None
-    lib.mlp_tanh.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    lib.mlp_tanh.restype = None
-    lib.mlp_step_is_vectorized.argtypes = []
-    lib.mlp_step_is_vectorized.restype = ctypes.c_int
-    return lib
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    return set_signatures(lib, {
+        "mlp_workspace_floats": ([plan_p, i64], i64),
+        "mlp_step": ([plan_p, ptr, ptr, i64, ctypes.c_float, ptr], ctypes.c_float),
+        "mlp_steps": ([plan_p, ptr, ptr, i64, i64, ptr, ptr, ptr], None),
+        "mlp_tanh": ([i64, ptr, ptr], None),
+        "mlp_step_is_vectorized": ([], ctypes.c_int),
+    })
 
 
 def kernel_available() -> bool:
@@ -123,7 +117,7 @@ class KernelMLPStepper:
         }
         self.tensors = {name: holder[key] for name, (holder, key) in self.sources.items()}  # keeps them alive
         self.addresses = {name: t.data_ptr() for name, t in self.tensors.items()}
-        addresses = {name: ctypes.cast(ptr, _float_p) for name, ptr in self.addresses.items()}
+        addresses = {name: ctypes.cast(ptr, FLOAT_P) for name, ptr in self.addresses.items()}
         config = model.config
         self.plan = MLPPlan(T=config.block_size, E=config.n_embd, H=config.n_hidden, V=config.vocab_size,
                             momentum=batchnorm.momentum, eps=batchnorm.eps, **addresses)
@@ -163,7 +157,7 @@ class KernelMLPStepper:
             t = holder[key]
             if t is not self.tensors[name] or t.data_ptr() != self.addresses[name]:
                 raise RuntimeError(f"the model's {key} was replaced after the C step was built; build a new stepper")
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            if not is_cpu_float32(t):
                 raise RuntimeError(f"the model's {key} is no longer contiguous float32 on the CPU")
 
     def _ids(self, X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:

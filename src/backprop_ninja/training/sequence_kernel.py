@@ -30,21 +30,31 @@ from torch import Tensor
 
 from backprop_ninja.models import Model
 from backprop_ninja.models.base import SequenceModel
-from backprop_ninja.nn import GRU, RNN, CausalBoW, Embedding, Linear, PositionEmbedding, Residual, Sequential, Tanh
+from backprop_ninja.native import FLOAT_P, float_address, is_cpu_float32, set_signatures
+from backprop_ninja.nn import (
+    GRU,
+    RNN,
+    CausalBoW,
+    Embedding,
+    Linear,
+    PositionEmbedding,
+    Residual,
+    Sequential,
+    Tanh,
+)
 from backprop_ninja.ops import native_recurrent
 from backprop_ninja.optim import AdamW
 from backprop_ninja.training.kernel import holds_cpu_float32
 
 RNN_KIND, GRU_KIND, BIGRAM_KIND, BOW_KIND = 0, 1, 2, 3  # sequence_kernels.c's SEQUENCE_RNN, _GRU, _BIGRAM, _BOW
 MAX_PARAMS = 10  # sequence_kernels.c's SEQUENCE_MAX_PARAMS: the gru's
-_float_p = ctypes.POINTER(ctypes.c_float)
 _i64, _f64, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 
 
 class ParamPlan(ctypes.Structure):
     """sequence_kernels.c's `Param`: a parameter and AdamW's two moments of it."""
 
-    _fields_ = [("p", _float_p), ("m", _float_p), ("v", _float_p), ("grad", _float_p), ("n", _i64)]
+    _fields_ = [("p", FLOAT_P), ("m", FLOAT_P), ("v", FLOAT_P), ("grad", FLOAT_P), ("n", _i64)]
 
 
 class SequencePlan(ctypes.Structure):
@@ -152,10 +162,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "sequence_steps": ([plan_p, _ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr], None),
         "sequence_kernels_are_vectorized": ([], ctypes.c_int),
     }
-    for name, (argtypes, restype) in signatures.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, restype
-    return lib
+    return set_signatures(lib, signatures)
 
 
 def sequence_kernel_available() -> bool:
@@ -176,10 +183,6 @@ def make_sequence_stepper(model: Model, optimizer, batch_size: int) -> "KernelSe
             or not holds_cpu_float32(model)):
         return None
     return KernelSequenceStepper(model, optimizer, batch_size)
-
-
-def _address(t: Tensor | None):
-    return ctypes.cast(t.data_ptr(), _float_p) if t is not None else None
 
 
 class KernelSequenceStepper:
@@ -205,7 +208,7 @@ class KernelSequenceStepper:
                                  weight_decay=optimizer.weight_decay, P=len(self.tensors))
         for slot, (name, p) in zip(self.plan.params, self.tensors.items()):
             m, v = self.moments[name]
-            slot.p, slot.m, slot.v, slot.n = _address(p), _address(m), _address(v), p.numel()
+            slot.p, slot.m, slot.v, slot.n = float_address(p), float_address(m), float_address(v), p.numel()
         self.addresses = {name: (p.data_ptr(), *(t.data_ptr() for t in self.moments[name]))
                           for name, p in self.tensors.items()}
         self.plan_ref = ctypes.byref(self.plan)
@@ -244,7 +247,7 @@ class KernelSequenceStepper:
         """`step`, keeping the gradients it applied: (loss, {parameter name: gradient}), for tests."""
         grads = {name: torch.empty_like(p) for name, p in self.tensors.items()}
         for slot, g in zip(self.plan.params, grads.values()):
-            slot.grad = _address(g)
+            slot.grad = float_address(g)
         try:
             loss = self.step(Xb, Yb, lr)
         finally:
@@ -268,7 +271,7 @@ class KernelSequenceStepper:
             if p is not self.tensors[name] or (p.data_ptr(), m.data_ptr(), v.data_ptr()) != self.addresses[name]:
                 raise RuntimeError(f"the model's {key} or its AdamW moments were replaced after the C step was built; "
                                    "build a new stepper")
-            if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in (p, m, v)):
+            if not all(map(is_cpu_float32, (p, m, v))):
                 raise RuntimeError(f"the model's {key} or its moments are no longer contiguous float32 on the CPU")
 
     def _ids(self, X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:

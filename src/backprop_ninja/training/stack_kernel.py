@@ -30,14 +30,19 @@ import torch
 from torch import Tensor
 
 from backprop_ninja.models import Model
+from backprop_ninja.native import (
+    FLOAT_P,
+    float_address,
+    is_cpu_float32,
+    open_library,
+    set_signatures,
+)
 from backprop_ninja.nn import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
-from backprop_ninja.native import open_library
 from backprop_ninja.training.kernel import holds_cpu_float32
 
 LIBRARY_STEM = "_stack_step"  # setup.py builds backprop_ninja/training/_stack_step<extension suffix>
 ABI = 1  # stack_step_abi(): a library built from another layout of `Stack` is not loaded
 MAX_LAYERS = 16  # stack_step.c's STACK_MAX_LAYERS: Linear layers in one stack
-_float_p = ctypes.POINTER(ctypes.c_float)
 
 
 class LayerPlan(ctypes.Structure):
@@ -46,10 +51,10 @@ class LayerPlan(ctypes.Structure):
     _fields_ = [
         ("P", ctypes.c_int64), ("I", ctypes.c_int64), ("N", ctypes.c_int64),
         ("batchnorm", ctypes.c_int64), ("tanh", ctypes.c_int64),
-        ("weight", _float_p), ("b", _float_p), ("gain", _float_p), ("bias", _float_p),
-        ("running_mean", _float_p), ("running_var", _float_p),
+        ("weight", FLOAT_P), ("b", FLOAT_P), ("gain", FLOAT_P), ("bias", FLOAT_P),
+        ("running_mean", FLOAT_P), ("running_var", FLOAT_P),
         ("momentum", ctypes.c_float), ("eps", ctypes.c_float),
-        ("dweight", _float_p), ("db", _float_p), ("dgain", _float_p), ("dbias", _float_p),
+        ("dweight", FLOAT_P), ("db", FLOAT_P), ("dgain", FLOAT_P), ("dbias", FLOAT_P),
     ]
 
 
@@ -58,7 +63,7 @@ class StackPlan(ctypes.Structure):
 
     _fields_ = [
         ("T", ctypes.c_int64), ("E", ctypes.c_int64), ("V", ctypes.c_int64), ("L", ctypes.c_int64),
-        ("C", _float_p), ("dC", _float_p), ("layers", LayerPlan * MAX_LAYERS),
+        ("C", FLOAT_P), ("dC", FLOAT_P), ("layers", LayerPlan * MAX_LAYERS),
     ]
 
 
@@ -149,17 +154,13 @@ def load_library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     plan_p = ctypes.POINTER(StackPlan)
-    lib.stack_workspace_floats.argtypes = [plan_p, ctypes.c_int64]
-    lib.stack_workspace_floats.restype = ctypes.c_int64
-    lib.stack_step.argtypes = [plan_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
-                               ctypes.c_void_p]
-    lib.stack_step.restype = ctypes.c_float
-    lib.stack_steps.argtypes = [plan_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    lib.stack_steps.restype = None
-    lib.stack_step_is_vectorized.argtypes = []
-    lib.stack_step_is_vectorized.restype = ctypes.c_int
-    return lib
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    return set_signatures(lib, {
+        "stack_workspace_floats": ([plan_p, i64], i64),
+        "stack_step": ([plan_p, ptr, ptr, i64, ctypes.c_float, ptr], ctypes.c_float),
+        "stack_steps": ([plan_p, ptr, ptr, i64, i64, ptr, ptr, ptr], None),
+        "stack_step_is_vectorized": ([], ctypes.c_int),
+    })
 
 
 def stack_kernel_available() -> bool:
@@ -180,10 +181,6 @@ def make_stack_stepper(model: Model, batch_size: int) -> "KernelStackStepper | N
     return KernelStackStepper(model, batch_size)
 
 
-def _address(t: Tensor | None):
-    return ctypes.cast(t.data_ptr(), _float_p) if t is not None else None
-
-
 class KernelStackStepper:
     """Forward, hand-written backward and SGD update of a layer stack, in C, in place on the model.
 
@@ -202,7 +199,7 @@ class KernelStackStepper:
         self.sources: dict[str, tuple[dict, str]] = {embedding.name: (embedding.params, embedding.name)}
         table = embedding.params[embedding.name]  # (V, E)
         self.plan = StackPlan(T=model.config.block_size, E=table.shape[1], V=table.shape[0], L=len(blocks),
-                              C=_address(table))
+                              C=float_address(table))
         self.param_names = {embedding.name: ("C", None)}  # model name -> (plan field, layer index)
         for i, (linear, batchnorm, tanh, positions) in enumerate(blocks):
             weight = linear.params[linear.w_name]  # (I, N)
@@ -210,7 +207,7 @@ class KernelStackStepper:
             layer = self.plan.layers[i]
             layer.P, layer.I, layer.N = positions, weight.shape[0], weight.shape[1]
             layer.tanh = int(tanh)
-            layer.weight, layer.b = _address(weight), _address(bias)
+            layer.weight, layer.b = float_address(weight), float_address(bias)
             self.sources[linear.w_name] = (linear.params, linear.w_name)
             self.param_names[linear.w_name] = ("dweight", i)
             if bias is not None:
@@ -223,7 +220,7 @@ class KernelStackStepper:
                                            ("bias", batchnorm.params, batchnorm.bias_name),
                                            ("running_mean", batchnorm.buffers, batchnorm.mean_name),
                                            ("running_var", batchnorm.buffers, batchnorm.var_name)):
-                    setattr(layer, field, _address(holder[key]))
+                    setattr(layer, field, float_address(holder[key]))
                     self.sources[key] = (holder, key)
                 self.param_names[batchnorm.gain_name] = ("dgain", i)
                 self.param_names[batchnorm.bias_name] = ("dbias", i)
@@ -263,7 +260,7 @@ class KernelStackStepper:
         grads = {name: torch.empty_like(self.tensors[name]) for name in self.param_names}
         for name, (field, i) in self.param_names.items():
             setattr(self.plan if i is None else self.plan.layers[i], "dC" if i is None else field,
-                    _address(grads[name]))
+                    float_address(grads[name]))
         try:
             loss = self.step(Xb, Yb, lr)
         finally:
@@ -286,7 +283,7 @@ class KernelStackStepper:
             t = holder[key]
             if t is not self.tensors[name] or t.data_ptr() != self.addresses[name]:
                 raise RuntimeError(f"the model's {key} was replaced after the C step was built; build a new stepper")
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            if not is_cpu_float32(t):
                 raise RuntimeError(f"the model's {key} is no longer contiguous float32 on the CPU")
 
     def _ids(self, X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
