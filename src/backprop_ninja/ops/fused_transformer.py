@@ -79,13 +79,18 @@ class AttentionCache(NamedTuple):
 def fused_heads_forward(qkv: Tensor, n_head: int, recompute: bool = False) -> tuple[Tensor, AttentionCache]:
     """The heads between makemore's two Linears: qkv (B, T, 3E) -> split_heads -> causal attention ->
     merge_heads -> y (B, T, E)."""
-    q, k, v, split = split_heads_forward(qkv, n_head)  # (B, nh, T, hs) each, views
-    # copied once into their own memory: each is read by two products here and two in the backward,
-    # and a product of a strided view copies it first, every time
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (B, nh, T, hs) each
+    q, k, v, split = split_heads_contiguous(qkv, n_head)  # (B, nh, T, hs) each
     y, attention = fused_attention_forward(q, k, v, recompute=recompute)  # (B, nh, T, hs)
     out, merge = merge_heads_forward(y)  # (B, T, E)
     return out, AttentionCache(split, attention, merge)
+
+
+def split_heads_contiguous(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor, SplitHeadsCache]:
+    """ops.split_heads_forward, with q, k, v copied once into their own memory: each is read by two
+    products in the forward and two in the backward, and a product of a strided view copies it first,
+    every time."""
+    q, k, v, split = split_heads_forward(qkv, n_head)  # (B, nh, T, hs) each, views
+    return q.contiguous(), k.contiguous(), v.contiguous(), split  # (B, nh, T, hs) each
 
 
 def fused_heads_backward(dout: Tensor, cache: AttentionCache) -> Tensor:

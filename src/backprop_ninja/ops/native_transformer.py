@@ -34,16 +34,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from backprop_ninja import (
-    ops,  # ops.layernorm_backward looked up at each call: the check tests replace it
-)
+from backprop_ninja import ops  # ops.layernorm_backward looked up at each call: the check tests replace it
 from backprop_ninja.native import computes_natively, open_library, set_signatures
 from backprop_ninja.ops import fused_transformer
-from backprop_ninja.ops.attention import (
-    CausalAttentionCache,
-    MergeHeadsCache,
-    split_heads_forward,
-)
+from backprop_ninja.ops.attention import CausalAttentionCache, MergeHeadsCache
 from backprop_ninja.ops.fused_transformer import AttentionCache
 from backprop_ninja.ops.gelu import GELU_BETA, GELU_KAPPA, GELUCache
 from backprop_ninja.ops.layernorm import LAYERNORM_EPS, LayerNormCache
@@ -232,6 +226,5 @@ def heads_weights(cache: HeadsCache | AttentionCache) -> Tensor:
 
 def torch_heads_cache(cache: HeadsCache) -> AttentionCache:
     """The torch form's cache of the same forward pass: q, k, v split from qkv, att as kept."""
-    q, k, v, split = split_heads_forward(cache.qkv, cache.n_head)  # (B, nh, T, hs) each, views
-    return AttentionCache(split, CausalAttentionCache(q.contiguous(), k.contiguous(), v.contiguous(), cache.att),
-                          MergeHeadsCache(cache.n_head))
+    q, k, v, split = fused_transformer.split_heads_contiguous(cache.qkv, cache.n_head)  # (B, nh, T, hs) each
+    return AttentionCache(split, CausalAttentionCache(q, k, v, cache.att), MergeHeadsCache(cache.n_head))

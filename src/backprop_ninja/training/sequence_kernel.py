@@ -31,17 +31,7 @@ from torch import Tensor
 from backprop_ninja.models import Model
 from backprop_ninja.models.base import SequenceModel
 from backprop_ninja.native import FLOAT_P, float_address, is_cpu_float32, set_signatures
-from backprop_ninja.nn import (
-    GRU,
-    RNN,
-    CausalBoW,
-    Embedding,
-    Linear,
-    PositionEmbedding,
-    Residual,
-    Sequential,
-    Tanh,
-)
+from backprop_ninja.nn import GRU, RNN, CausalBoW, Embedding, Linear, PositionEmbedding, Residual, Sequential, Tanh
 from backprop_ninja.ops import native_recurrent
 from backprop_ninja.optim import AdamW
 from backprop_ninja.training.kernel import holds_cpu_float32

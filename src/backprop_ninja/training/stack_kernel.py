@@ -30,13 +30,7 @@ import torch
 from torch import Tensor
 
 from backprop_ninja.models import Model
-from backprop_ninja.native import (
-    FLOAT_P,
-    float_address,
-    is_cpu_float32,
-    open_library,
-    set_signatures,
-)
+from backprop_ninja.native import FLOAT_P, float_address, is_cpu_float32, open_library, set_signatures
 from backprop_ninja.nn import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
 from backprop_ninja.training.kernel import holds_cpu_float32
 
