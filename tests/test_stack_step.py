@@ -190,6 +190,88 @@ def test_the_c_stack_step_refuses_a_parameter_replaced_after_it_was_built(words_
 
 
 # ---------------------------------------------------------------------------------------------
+# eval mode: stack_logits, which evaluate() takes for a stack
+
+
+def trained_and_calibrated(words_file, shape: str, steps: int = 20):
+    """A model of `shape` after a few readable steps and the lecture's calibration: buffers that are
+    neither the initial 0 and 1 nor the last batch's statistics."""
+    fresh, data, batch = model_and_data(words_file, shape)
+    model = fresh()
+    with torch.no_grad():
+        for Xb, Yb in batches(data, steps, batch):
+            readable_step(model, Xb, Yb, LR)
+    model.calibrate(data.train.X)
+    return model, data
+
+
+@needs_stack_kernel
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_c_eval_logits_are_the_readable_eval_logits(words_file, shape):
+    model, data = trained_and_calibrated(words_file, shape)
+    X = torch.cat([data.train.X, data.val.X, data.test.X])  # (N, T)
+    reference = model.logits(X)  # (N, V) the readable eval-mode pass
+    before = {name: t.clone() for name, t in [*model.params.items(), *model.buffers.items()]}
+    # a workspace of 7 rows: the contexts run in several calls, the last one partial
+    logits = make_stack_stepper(model, 7).logits(X)
+    verdict = judge(logits, reference)
+    assert verdict.right and not verdict.reshaped, verdict.reason
+    for name, t in [*model.params.items(), *model.buffers.items()]:
+        assert torch.equal(t, before[name]), f"{name} changed in eval mode"
+    # the same pass in training mode normalises by the batch's statistics: other logits, which the
+    # same verdict calls wrong (the comparison above would catch a C pass that did the same)
+    with torch.no_grad():
+        model.net.train(True)
+        training_mode = model.net.forward(X)  # (N, V)
+        model.net.train(False)
+    assert not judge(training_mode, reference).right
+
+
+@needs_stack_kernel
+def test_c_eval_logits_refuse_ids_outside_the_vocabulary_and_other_shapes(words_file):
+    model, data = trained_and_calibrated(words_file, "wavenet odd", steps=1)
+    stepper = make_stack_stepper(model, 5)
+    X = data.train.X[:9].clone()  # (9, T)
+    X[6, 0] = data.vocab.size
+    with pytest.raises(ValueError, match=f"outside the vocabulary of {data.vocab.size}"):
+        stepper.logits(X)
+    with pytest.raises(ValueError, match=r"not \(N, 4\) int64 ids"):
+        stepper.logits(X[:, :3])
+    with pytest.raises(ValueError, match="int64 ids"):
+        stepper.logits(X.int())
+
+
+@needs_stack_kernel
+def test_evaluate_takes_the_c_eval_pass_for_a_stack_and_agrees_with_the_readable_one(words_file, monkeypatch):
+    from backprop_ninja.training.evaluation import evaluate
+
+    model, data = trained_and_calibrated(words_file, "wavenet odd")
+    calls = []
+    real = stack_kernel.eval_logits
+
+    def counted(m):
+        forward = real(m)
+        assert forward is not None, "the C eval pass does not apply to the wavenet"
+        return lambda X: calls.append(len(X)) or forward(X)
+
+    monkeypatch.setattr(stack_kernel, "eval_logits", counted)
+    fast = evaluate(model, data)
+    assert sum(calls) > 0
+    monkeypatch.setattr(stack_kernel, "eval_logits", lambda m: None)
+    readable = evaluate(model, data)
+    for split, loss in readable.items():
+        assert abs(fast[split] - loss) <= ONE_STEP_LOSS_ATOL, split
+
+
+def test_eval_logits_is_none_for_a_model_without_a_c_pass():
+    assert stack_kernel.eval_logits(small("transformer")) is None
+    double = small("wavenet")
+    for t in double.params.values():
+        t.data = t.data.double()
+    assert stack_kernel.eval_logits(double) is None
+
+
+# ---------------------------------------------------------------------------------------------
 # which models it computes, and when train takes it
 
 

@@ -3,8 +3,8 @@
  * Every buffer is allocated at exactly the size the step may touch (stack_workspace_floats for the
  * scratch), so a read or write one float past any of them stops the run. Odd stacks leave every
  * block of the matrix kernels partial (and run the AVX-512 blocks where the CPU has them: widths of
- * 32 and more; and sums of more than KC terms, in passes); bad ids must return NaN and touch nothing;
- * a stack that does not chain is refused. */
+ * 32 and more; and sums of more than KC terms, in passes); the eval-mode pass (stack_logits) runs in
+ * the step's workspace; bad ids must return NaN (or -1) and touch nothing; a stack that does not chain is refused. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,8 +51,11 @@ static int run(int64_t T, int64_t E, int64_t V, int64_t L, const int64_t *fuse, 
     float *work = floats(stack_workspace_floats(&s, B), 10), *lrs = floats(S, 11), *losses = floats(S, 12);
     stack_steps(&s, X, Y, S, B, lrs, losses, work);
     for (int64_t i = 0; i < S; i++) bad |= !isfinite(losses[i]);
+    float *logits = floats(B * V, 13);  /* eval mode, in the step's workspace; then one row less */
+    bad |= stack_logits(&s, X, B, logits, work) != 0 || stack_logits(&s, X, B - 1, logits, work) != 0;
+    for (int64_t i = 0; i < B * V; i++) bad |= !isfinite(logits[i]);
     X[0] = V;  /* an id outside the vocabulary: NaN, and nothing read through it */
-    bad |= !isnan(stack_step(&s, X, Y, B, 0.1f, work));
+    bad |= !isnan(stack_step(&s, X, Y, B, 0.1f, work)) || stack_logits(&s, X, B, logits, work) != -1;
     X[0] = 0; Y[0] = -1;
     bad |= !isnan(stack_step(&s, X, Y, B, 0.1f, work));
     Y[0] = 0;
@@ -65,7 +68,7 @@ static int run(int64_t T, int64_t E, int64_t V, int64_t L, const int64_t *fuse, 
         free(y->weight); free(y->b); free(y->gain); free(y->bias); free(y->running_mean); free(y->running_var);
         free(y->dweight); free(y->db); free(y->dgain); free(y->dbias);
     }
-    free(X); free(Y); free(work); free(lrs); free(losses);
+    free(X); free(Y); free(work); free(lrs); free(losses); free(logits);
     if (bad) printf("T %ld E %ld V %ld L %ld B %ld: a loss is wrong\n", (long)T, (long)E, (long)V, (long)L, (long)B);
     return bad;
 }

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from backprop_ninja.conventions import IGNORE_INDEX
 from backprop_ninja.data import Dataset, distinct_contexts, load_dataset, resolve_names
 from backprop_ninja.models import Model
+from backprop_ninja.training import stack_kernel
 
 # Rows per forward pass when evaluating a whole split. Small enough that the (rows, H) temporaries
 # are reused from the allocator's heap instead of mapped afresh for every chunk (docs/speed.md).
@@ -44,6 +45,9 @@ def evaluate(model: Model, dataset: Dataset) -> dict[str, float | None]:
     contexts at a time; every example then reads its target's log-probability from its context's row.
     """
     device = model.device
+    # a stack of layers runs the C step's eval-mode forward pass where that step runs (held to
+    # model.logits by tests/test_stack_step.py); every other model its readable one
+    logits = stack_kernel.eval_logits(model) or model.logits
     result: dict[str, float | None] = {}
     for name in ("train", "val", "test"):
         X, Y = dataset.split(name)
@@ -54,7 +58,7 @@ def evaluate(model: Model, dataset: Dataset) -> dict[str, float | None]:
             result[name] = sequence_loss(model, X, Y)
             continue
         contexts = distinct_contexts(X)
-        logprobs = torch.cat([F.log_softmax(model.logits(rows.to(device)), dim=1)  # (chunk, V)
+        logprobs = torch.cat([F.log_softmax(logits(rows.to(device)), dim=1)  # (chunk, V)
                               for rows in contexts.rows.split(EVAL_CHUNK)])  # (U, V)
         nll = -logprobs[contexts.index.to(device), Y.to(device)]  # (N,)
         result[name] = nll.double().sum().item() / X.shape[0]

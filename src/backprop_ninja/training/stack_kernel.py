@@ -24,6 +24,7 @@ import ctypes
 import functools
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -35,8 +36,9 @@ from backprop_ninja.nn import BatchNorm1d, Embedding, FlattenConsecutive, Linear
 from backprop_ninja.training.kernel import holds_cpu_float32
 
 LIBRARY_STEM = "_stack_step"  # setup.py builds backprop_ninja/training/_stack_step<extension suffix>
-ABI = 1  # stack_step_abi(): a library built from another layout of `Stack` is not loaded
+ABI = 2  # stack_step_abi(): a library built from another layout of `Stack` (or without stack_logits) is not loaded
 MAX_LAYERS = 16  # stack_step.c's STACK_MAX_LAYERS: Linear layers in one stack
+EVAL_ROWS = 1024  # contexts per stack_logits call: the workspace of a step at this batch
 
 
 class LayerPlan(ctypes.Structure):
@@ -153,6 +155,7 @@ def load_library() -> ctypes.CDLL | None:
         "stack_workspace_floats": ([plan_p, i64], i64),
         "stack_step": ([plan_p, ptr, ptr, i64, ctypes.c_float, ptr], ctypes.c_float),
         "stack_steps": ([plan_p, ptr, ptr, i64, i64, ptr, ptr, ptr], None),
+        "stack_logits": ([plan_p, ptr, i64, ptr, ptr], ctypes.c_int),
         "stack_step_is_vectorized": ([], ctypes.c_int),
     })
 
@@ -173,6 +176,16 @@ def make_stack_stepper(model: Model, batch_size: int) -> "KernelStackStepper | N
     if load_library() is None or not is_layer_stack(model) or not holds_cpu_float32(model):
         return None
     return KernelStackStepper(model, batch_size)
+
+
+def eval_logits(model: Model) -> Callable[[Tensor], Tensor] | None:
+    """The eval-mode forward pass of a layer stack in C, (N, T) ids -> (N, V) logits, or None where
+    the C step would not run (no library, its portable copy, another layer pattern, not float32 on
+    the CPU), and the readable `model.logits` is the one to use."""
+    if not stack_kernel_is_fast():
+        return None
+    stepper = make_stack_stepper(model, EVAL_ROWS)
+    return None if stepper is None else stepper.logits
 
 
 class KernelStackStepper:
@@ -248,6 +261,20 @@ class KernelStackStepper:
         self.lib.stack_steps(self.plan_ref, Xs.data_ptr(), Ys.data_ptr(), S, B, lr.data_ptr(), losses.data_ptr(),
                              self.work.data_ptr())
         return losses
+
+    def logits(self, X: Tensor) -> Tensor:
+        """Eval-mode logits (N, V) of the contexts X (N, T) int64, each BatchNorm normalising by its
+        buffers (stack_step.c's stack_logits), the workspace's batch of rows per call. Changes nothing."""
+        self._check_tensors()
+        if X.dtype != torch.int64 or X.ndim != 2 or X.shape[1] != self.plan.T:
+            raise ValueError(f"contexts {tuple(X.shape)} of {X.dtype} are not (N, {self.plan.T}) int64 ids")
+        X = X.contiguous()
+        logits = torch.empty(X.shape[0], self.plan.V)  # (N, V)
+        for rows, out in zip(X.split(self.batch_size), logits.split(self.batch_size)):
+            if self.lib.stack_logits(self.plan_ref, rows.data_ptr(), rows.shape[0], out.data_ptr(),
+                                     self.work.data_ptr()):
+                raise ValueError(f"a context holds an id outside the vocabulary of {self.plan.V}")
+        return logits
 
     def step_with_grads(self, Xb: Tensor, Yb: Tensor, lr: float) -> tuple[Tensor, dict[str, Tensor]]:
         """`step`, keeping the gradients it applied: (loss, {parameter name: gradient}), for tests."""

@@ -40,8 +40,8 @@ int stack_step_is_vectorized(void) {
 #endif
 }
 
-/* The layout of Stack below; stack_kernel.py's mirror checks this number (stack_kernel.ABI). */
-int stack_step_abi(void) { return 1; }
+/* The layout of Stack and the functions below; stack_kernel.py's mirror checks this number (stack_kernel.ABI). */
+int stack_step_abi(void) { return 2; }
 
 #define STACK_MAX_LAYERS 16
 
@@ -156,6 +156,28 @@ static inline void column_dots(int64_t R, int64_t N, const float *restrict x, co
         for (int64_t j = 0; j < N; j++) sums[j] += (double)x[r * N + j] * y[r * N + j];
 }
 
+/* emb = C[X]: row i = b*T + t of (B*T, E) is C's row X[b, t] */
+static inline void embed(const Stack *s, const int64_t *restrict X, int64_t B, float *restrict emb) {
+    for (int64_t i = 0; i < B * s->T; i++) memcpy(emb + i * s->E, s->C + X[i] * s->E, s->E * sizeof(float));
+}
+
+/* pre = x @ W + b: (R, I) -> (R, N) */
+static inline __attribute__((always_inline)) void linear_rows(const Layer *y, int64_t R, const float *restrict x,
+                                                              float *restrict pre, float *restrict panel) {
+    const int64_t I = y->I, N = y->N;
+    matmul(R, N, I, x, I, 1, y->weight, N, pre, N, panel);
+    if (y->b)
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t j = 0; j < N; j++) pre[r * N + j] += y->b[j];
+}
+
+/* 1 when every id of X (n of them) is in the vocabulary: another would index outside C */
+static inline int ids_in_vocabulary(const int64_t *restrict X, int64_t n, int64_t V) {
+    for (int64_t i = 0; i < n; i++)
+        if (X[i] < 0 || X[i] >= V) return 0;
+    return 1;
+}
+
 /* p -= lr * dp for n floats, and the gradient copied to `keep` where asked (tests) */
 static inline void sgd(int64_t n, float *restrict p, const float *restrict dp, float lr, float *restrict keep) {
     if (keep) memcpy(keep, dp, n * sizeof(float));
@@ -173,10 +195,7 @@ CLONED float stack_step(const Stack *s, const int64_t *restrict X, const int64_t
     if (!stack_is_valid(s) || B < 1) return NAN;
     const int64_t T = s->T, E = s->E, V = s->V, L = s->L;
     /* an id outside the vocabulary would index outside C: no step, and a NaN loss to say so */
-    for (int64_t i = 0; i < B * T; i++)
-        if (X[i] < 0 || X[i] >= V) return NAN;
-    for (int64_t b = 0; b < B; b++)
-        if (Y[b] < 0 || Y[b] >= V) return NAN;
+    if (!ids_in_vocabulary(X, B * T, V) || !ids_in_vocabulary(Y, B, V)) return NAN;
     const Layout w = layout(s, B);
     double *sums = (double *)(void *)(work + w.sums);  /* 4 x (max N) */
     float *emb = work + w.emb;                          /* (B*T, E) */
@@ -186,18 +205,13 @@ CLONED float stack_step(const Stack *s, const int64_t *restrict X, const int64_t
     float *panel = work + w.panel;
 
     /* forward ---------------------------------------------------------------------------- */
-    /* emb = C[X]: row i = b*T + t of (B*T, E) is C's row X[b, t] */
-    for (int64_t i = 0; i < B * T; i++) memcpy(emb + i * E, s->C + X[i] * E, E * sizeof(float));
+    embed(s, X, B, emb);
     const float *x = emb;  /* the layer's input, (R, I): what FlattenConsecutive made of the floats */
     for (int64_t l = 0; l < L; l++) {
         const Layer *y = &s->layers[l];
-        const int64_t R = B * y->P, I = y->I, N = y->N;
+        const int64_t R = B * y->P, N = y->N;
         float *pre = work + w.pre[l], *out = work + w.out[l];  /* (R, N), (R, N) */
-        /* pre = x @ W + b */
-        matmul(R, N, I, x, I, 1, y->weight, N, pre, N, panel);
-        if (y->b)
-            for (int64_t r = 0; r < R; r++)
-                for (int64_t j = 0; j < N; j++) pre[r * N + j] += y->b[j];
+        linear_rows(y, R, x, pre, panel);
         if (y->batchnorm) {
             float *mean = work + w.stats[l], *var = mean + N, *var_inv = var + N;  /* (N,) each */
             /* mean = x.mean(dims); var = x.var(dims, unbiased=True): dims are all R rows */
@@ -311,6 +325,44 @@ CLONED float stack_step(const Stack *s, const int64_t *restrict X, const int64_t
         for (int64_t e = 0; e < E; e++) dC[X[i] * E + e] += demb[i * E + e];
     sgd(V * E, s->C, dC, lr, s->dC);
     return (float)(loss / B);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* eval mode */
+
+/* The (B, V) logits of the contexts X (B, T) in eval mode, written to `logits`: the forward pass
+   above with each BatchNorm normalising by its buffers, y = gain * (pre - running_mean) *
+   (running_var + eps)**-0.5 + bias (ops.batchnorm_inference); nothing is updated. The workspace
+   is the step's at batch B. Returns 0; -1 (and writes nothing) when an id is not in the
+   vocabulary or the stack does not chain. */
+CLONED int stack_logits(const Stack *s, const int64_t *restrict X, int64_t B, float *restrict logits,
+                        float *restrict work) {
+    if (!stack_is_valid(s) || B < 1 || !ids_in_vocabulary(X, B * s->T, s->V)) return -1;
+    const Layout w = layout(s, B);
+    float *emb = work + w.emb, *row = work + w.vecs, *rstd = row + w.max_N;  /* (B*T, E), (N,), (N,) */
+    embed(s, X, B, emb);
+    const float *x = emb;  /* (R, I) */
+    for (int64_t l = 0; l < s->L; l++) {
+        const Layer *y = &s->layers[l];
+        const int64_t R = B * y->P, N = y->N;
+        float *out = l == s->L - 1 ? logits : work + w.out[l];       /* (R, N) */
+        float *pre = y->batchnorm || y->tanh ? work + w.pre[l] : out;  /* (R, N): a Linear alone writes out */
+        linear_rows(y, R, x, pre, work + w.panel);
+        if (y->batchnorm) {
+            for (int64_t j = 0; j < N; j++) rstd[j] = 1.0f / sqrtf(y->running_var[j] + y->eps);
+            for (int64_t r = 0; r < R; r++) {
+                const float *p = pre + r * N;  /* (N,) */
+                float *dst = y->tanh ? row : out + r * N;
+                for (int64_t j = 0; j < N; j++)
+                    dst[j] = y->gain[j] * (p[j] - y->running_mean[j]) * rstd[j] + y->bias[j];
+                if (y->tanh) tanh_rows(N, row, out + r * N);
+            }
+        } else if (y->tanh) {
+            tanh_rows(R * N, pre, out);  /* h = tanh(pre) */
+        }
+        x = out;
+    }
+    return 0;
 }
 
 /* S steps, one after the other, on the batches X (S, B, T) and Y (S, B), step s at learning rate
