@@ -57,7 +57,8 @@ def slipped_library(directory: Path, slip: str) -> ctypes.CDLL:
     source.write_text(text.replace(right, wrong), encoding="utf-8")
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     built = directory / f"{native_recurrent.LIBRARY_STEM}{suffix}"
-    # -I the package's ops/: its #include "../training/step_kernels.h" resolves from there
+    # -I the package's ops/: its #include "../training/step_kernels.h" resolves from there, and that
+    # header's own "../ops/cpu_clones.h" from the header's directory, training/
     subprocess.run([compiler, *FLAGS, "-fPIC", "-shared", f"-I{OPS}", str(source), "-o", str(built), "-lm"],
                    check=True)
     lib = open_library(directory, native_recurrent.LIBRARY_STEM, "sequence_kernels_abi", native_recurrent.ABI)

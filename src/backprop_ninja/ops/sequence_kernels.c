@@ -435,14 +435,7 @@ CLONED void gru_backward(int64_t B, int64_t T, int64_t E, int64_t H, int64_t h0_
  * (tests/test_sequence_step.py names the tolerances). */
 
 /* 1 where the step runs its AVX2 or AVX-512 copy (the portable copy splits the vectors: slow). */
-int sequence_kernels_are_vectorized(void) {
-#if X86_64_V3_CLONES
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("x86-64-v3");
-#else
-    return 0;
-#endif
-}
+int sequence_kernels_are_vectorized(void) { return runs_x86_64_v3(); }
 
 enum { SEQUENCE_RNN = 0, SEQUENCE_GRU = 1, SEQUENCE_BIGRAM = 2, SEQUENCE_BOW = 3 };
 #define SEQUENCE_MAX_PARAMS 10

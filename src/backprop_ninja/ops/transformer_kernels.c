@@ -23,15 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* One copy of each hot function for x86-64 with AVX-512, one with AVX2 and FMA, one for any
-   x86-64 (as training/step_kernels.h); the best the CPU runs is picked once, at load time. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define X86_64_V3_CLONES 1
-#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define X86_64_V3_CLONES 0
-#define CLONED
-#endif
+#include "cpu_clones.h"
 
 /* The argument layout of the functions below; native_transformer.py checks this number (ABI). */
 int transformer_kernels_abi(void) { return 1; }
@@ -39,14 +31,7 @@ int transformer_kernels_abi(void) { return 1; }
 /* 1 where the kernels run their AVX2 or AVX-512 copy. The portable copy is slower than torch's own
    kernels (the attention 5 to 9 times: its 8-float vectors are split through the stack), so
    native_transformer.py leaves the ops to torch there (docs/speed.md). */
-int transformer_kernels_are_vectorized(void) {
-#if X86_64_V3_CLONES
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("x86-64-v3");
-#else
-    return 0;
-#endif
-}
+int transformer_kernels_are_vectorized(void) { return runs_x86_64_v3(); }
 
 /* ------------------------------------------------------------------------------------------ */
 /* exp and expm1 in float32: branch-free, so that the loops over them vectorize */

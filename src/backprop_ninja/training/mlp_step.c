@@ -21,14 +21,7 @@
 
 /* 1 where the step runs its AVX2 copy. The portable copy computes the same step, much slower (its
    8-float vectors are split through the stack; docs/speed.md), so kernel.py leaves the step to torch there. */
-int mlp_step_is_vectorized(void) {
-#if X86_64_V3_CLONES
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("x86-64-v3");
-#else
-    return 0;
-#endif
-}
+int mlp_step_is_vectorized(void) { return runs_x86_64_v3(); }
 
 /* The layout of MLP below; kernel.py's MLPPlan mirrors it and checks this number (kernel.ABI). */
 int mlp_step_abi(void) { return 1; }

@@ -31,14 +31,7 @@
 #include "step_kernels.h"
 
 /* 1 where the step runs its AVX2 copy (see mlp_step_is_vectorized: the portable copy is slow). */
-int stack_step_is_vectorized(void) {
-#if X86_64_V3_CLONES
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("x86-64-v3");
-#else
-    return 0;
-#endif
-}
+int stack_step_is_vectorized(void) { return runs_x86_64_v3(); }
 
 /* The layout of Stack and the functions below; stack_kernel.py's mirror checks this number (stack_kernel.ABI). */
 int stack_step_abi(void) { return 2; }

@@ -1,7 +1,8 @@
 /*
  * The parts both C steps share (mlp_step.c, the lecture MLP; stack_step.c, a stack of layers):
- * CPU-specific copies of the hot functions, a register-blocked matrix product, and tanh and exp
- * in float64. Every function is static inline: each step's library gets its own copy.
+ * CPU-specific copies of the hot functions (ops/cpu_clones.h's CLONED), a register-blocked matrix
+ * product, and tanh and exp in float64. Every function is static inline: each step's library gets
+ * its own copy.
  *
  * Every matrix is row-major float32, as torch stores a contiguous tensor.
  */
@@ -12,16 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* One copy of each hot function for x86-64 with AVX-512 (x86-64-v4), one with AVX2 and FMA
-   (x86-64-v3), one for any x86-64; the best one the CPU can run is picked once at load time.
-   Elsewhere, one portable copy. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define X86_64_V3_CLONES 1
-#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define X86_64_V3_CLONES 0
-#define CLONED
-#endif
+#include "../ops/cpu_clones.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* matrix multiplication, blocked so that the partial sums stay in registers */
