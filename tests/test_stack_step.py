@@ -193,15 +193,16 @@ def test_the_c_stack_step_refuses_a_parameter_replaced_after_it_was_built(words_
 # eval mode: stack_logits, which evaluate() takes for a stack
 
 
-def trained_and_calibrated(words_file, shape: str, steps: int = 20):
-    """A model of `shape` after a few readable steps and the lecture's calibration: buffers that are
-    neither the initial 0 and 1 nor the last batch's statistics."""
+def trained_and_calibrated(words_file, shape: str, steps: int = 20, calibrate: bool = True):
+    """A model of `shape` after a few readable steps and (where asked) the lecture's calibration:
+    buffers that are neither the initial 0 and 1 nor the last batch's statistics."""
     fresh, data, batch = model_and_data(words_file, shape)
     model = fresh()
     with torch.no_grad():
         for Xb, Yb in batches(data, steps, batch):
             readable_step(model, Xb, Yb, LR)
-    model.calibrate(data.train.X)
+    if calibrate:
+        model.calibrate(data.train.X)
     return model, data
 
 
@@ -261,6 +262,73 @@ def test_evaluate_takes_the_c_eval_pass_for_a_stack_and_agrees_with_the_readable
     readable = evaluate(model, data)
     for split, loss in readable.items():
         assert abs(fast[split] - loss) <= ONE_STEP_LOSS_ATOL, split
+
+
+@needs_stack_kernel
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_c_calibration_gives_the_readable_buffers(words_file, shape):
+    trained, data = trained_and_calibrated(words_file, shape)  # readable: trained, then calibrated
+    fast, _ = trained_and_calibrated(words_file, shape, calibrate=False)  # the same training, no calibration
+    assert trained.buffers.keys() == fast.buffers.keys() and trained.buffers
+    # before: the running averages of training, which the verdict tells from calibrated statistics
+    assert not all(judge(fast.buffers[k], ref).right for k, ref in trained.buffers.items())
+    params = {k: p.clone() for k, p in fast.params.items()}
+    make_stack_stepper(fast, 7).calibrate(data.train.X)  # 7 contexts a call: several calls, the last partial
+    for name, ref in trained.buffers.items():
+        verdict = judge(fast.buffers[name], ref)
+        assert verdict.right and not verdict.reshaped, f"{name}: {verdict.reason}"
+    for name, p in fast.params.items():
+        assert torch.equal(p, params[name]), f"calibration changed {name}"
+
+
+@needs_stack_kernel
+def test_c_calibration_weighs_each_distinct_context_by_its_count(words_file):
+    readable, data = trained_and_calibrated(words_file, "wavenet odd", calibrate=False)
+    fast, _ = trained_and_calibrated(words_file, "wavenet odd", calibrate=False)
+    X = torch.cat([data.train.X, data.train.X[:5].repeat(40, 1)])  # five contexts 41 times as often
+    readable.calibrate(X)
+    make_stack_stepper(fast, 5).calibrate(X)
+    for name, ref in readable.buffers.items():
+        assert judge(fast.buffers[name], ref).right, name
+    make_stack_stepper(fast, 5).calibrate(data.train.X)  # each context once as often as the split has it
+    assert not all(judge(fast.buffers[k], ref).right for k, ref in readable.buffers.items())
+
+
+@needs_stack_kernel
+def test_c_calibration_refuses_bad_contexts_and_changes_nothing(words_file):
+    model, data = trained_and_calibrated(words_file, "deep-mlp odd", steps=1)
+    stepper = make_stack_stepper(model, 5)
+    before = {name: t.clone() for name, t in model.buffers.items()}
+    X = data.train.X.clone()
+    X[-1, 2] = data.vocab.size
+    with pytest.raises(ValueError, match=f"outside the vocabulary of {data.vocab.size}"):
+        stepper.calibrate(X)
+    with pytest.raises(ValueError, match="not \\(N >= 1, 5\\) int64 ids"):
+        stepper.calibrate(X[:0])
+    for name, t in model.buffers.items():
+        assert torch.equal(t, before[name]), name
+
+
+@needs_stack_kernel
+def test_train_calibrates_a_stack_in_c(words_file, tmp_path, monkeypatch):
+    calls = []
+    real = stack_kernel.eval_calibrate
+
+    def counted(model):
+        calibrate = real(model)
+        assert calibrate is not None, "the C calibration does not apply to the wavenet"
+        return lambda X: calls.append(X.shape) or calibrate(X)
+
+    monkeypatch.setattr(stack_kernel, "eval_calibrate", counted)
+    assert main(["train", "--model", "wavenet", "--input", str(words_file), "--block-size", "4", "--embd", "5",
+                 "--hidden", "9", "--steps", "30", "--out", str(tmp_path / "run")]) == 0
+    assert len(calls) == 1 and calls[0][1] == 4
+    trained = checkpoint.load(tmp_path / "run")
+    assert trained.info.calibrated
+    reference = checkpoint.load(tmp_path / "run").model
+    reference.calibrate(load_dataset(words_file, block_size=4).train.X)  # the readable one, on the same weights
+    for name, ref in reference.buffers.items():
+        assert judge(trained.model.buffers[name], ref).right, name
 
 
 def test_eval_logits_is_none_for_a_model_without_a_c_pass():

@@ -3,8 +3,9 @@
  * Every buffer is allocated at exactly the size the step may touch (stack_workspace_floats for the
  * scratch), so a read or write one float past any of them stops the run. Odd stacks leave every
  * block of the matrix kernels partial (and run the AVX-512 blocks where the CPU has them: widths of
- * 32 and more; and sums of more than KC terms, in passes); the eval-mode pass (stack_logits) runs in
- * the step's workspace; bad ids must return NaN (or -1) and touch nothing; a stack that does not chain is refused. */
+ * 32 and more; and sums of more than KC terms, in passes); the eval-mode passes (stack_logits,
+ * stack_calibrate) run in the step's workspace; bad ids must return NaN (or -1) and touch nothing;
+ * a stack that does not chain is refused. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,8 +55,20 @@ static int run(int64_t T, int64_t E, int64_t V, int64_t L, const int64_t *fuse, 
     float *logits = floats(B * V, 13);  /* eval mode, in the step's workspace; then one row less */
     bad |= stack_logits(&s, X, B, logits, work) != 0 || stack_logits(&s, X, B - 1, logits, work) != 0;
     for (int64_t i = 0; i < B * V; i++) bad |= !isfinite(logits[i]);
+    /* calibration: S*B contexts through a workspace of B, the last chunk partial where B > 2 */
+    int64_t *counts = malloc(S * B * sizeof *counts);
+    for (int64_t i = 0; i < S * B; i++) counts[i] = 1 + i % 3;
+    bad |= stack_calibrate(&s, X, counts, S * B - 1, B, work) != 0;
+    for (int64_t l = 0; l < L; l++)
+        if (s.layers[l].batchnorm)
+            for (int64_t j = 0; j < s.layers[l].N; j++)
+                bad |= !isfinite(s.layers[l].running_mean[j]) || !(s.layers[l].running_var[j] >= 0.0f);
+    counts[1] = -1;  /* a negative count is refused */
+    bad |= stack_calibrate(&s, X, counts, S * B, B, work) != -1;
+    counts[1] = 1;
     X[0] = V;  /* an id outside the vocabulary: NaN, and nothing read through it */
-    bad |= !isnan(stack_step(&s, X, Y, B, 0.1f, work)) || stack_logits(&s, X, B, logits, work) != -1;
+    bad |= !isnan(stack_step(&s, X, Y, B, 0.1f, work)) || stack_logits(&s, X, B, logits, work) != -1
+           || stack_calibrate(&s, X, counts, S * B, B, work) != -1;
     X[0] = 0; Y[0] = -1;
     bad |= !isnan(stack_step(&s, X, Y, B, 0.1f, work));
     Y[0] = 0;
@@ -68,7 +81,7 @@ static int run(int64_t T, int64_t E, int64_t V, int64_t L, const int64_t *fuse, 
         free(y->weight); free(y->b); free(y->gain); free(y->bias); free(y->running_mean); free(y->running_var);
         free(y->dweight); free(y->db); free(y->dgain); free(y->dbias);
     }
-    free(X); free(Y); free(work); free(lrs); free(losses); free(logits);
+    free(X); free(Y); free(work); free(lrs); free(losses); free(logits); free(counts);
     if (bad) printf("T %ld E %ld V %ld L %ld B %ld: a loss is wrong\n", (long)T, (long)E, (long)V, (long)L, (long)B);
     return bad;
 }

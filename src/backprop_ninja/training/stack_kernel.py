@@ -30,15 +30,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from backprop_ninja.data import distinct_contexts
 from backprop_ninja.models import Model
 from backprop_ninja.native import FLOAT_P, float_address, is_cpu_float32, open_library, set_signatures
 from backprop_ninja.nn import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
 from backprop_ninja.training.kernel import holds_cpu_float32
 
 LIBRARY_STEM = "_stack_step"  # setup.py builds backprop_ninja/training/_stack_step<extension suffix>
-ABI = 2  # stack_step_abi(): a library built from another layout of `Stack` (or without stack_logits) is not loaded
+ABI = 3  # stack_step_abi(): a library built from another layout of `Stack` or other functions is not loaded
 MAX_LAYERS = 16  # stack_step.c's STACK_MAX_LAYERS: Linear layers in one stack
-EVAL_ROWS = 1024  # contexts per stack_logits call: the workspace of a step at this batch
+EVAL_ROWS = 256  # contexts per C call in eval mode (stack_logits, stack_calibrate): a step's workspace at this batch
 
 
 class LayerPlan(ctypes.Structure):
@@ -156,6 +157,7 @@ def load_library() -> ctypes.CDLL | None:
         "stack_step": ([plan_p, ptr, ptr, i64, ctypes.c_float, ptr], ctypes.c_float),
         "stack_steps": ([plan_p, ptr, ptr, i64, i64, ptr, ptr, ptr], None),
         "stack_logits": ([plan_p, ptr, i64, ptr, ptr], ctypes.c_int),
+        "stack_calibrate": ([plan_p, ptr, ptr, i64, i64, ptr], ctypes.c_int),
         "stack_step_is_vectorized": ([], ctypes.c_int),
     })
 
@@ -182,10 +184,19 @@ def eval_logits(model: Model) -> Callable[[Tensor], Tensor] | None:
     """The eval-mode forward pass of a layer stack in C, (N, T) ids -> (N, V) logits, or None where
     the C step would not run (no library, its portable copy, another layer pattern, not float32 on
     the CPU), and the readable `model.logits` is the one to use."""
-    if not stack_kernel_is_fast():
-        return None
-    stepper = make_stack_stepper(model, EVAL_ROWS)
+    stepper = _eval_stepper(model)
     return None if stepper is None else stepper.logits
+
+
+def eval_calibrate(model: Model) -> Callable[[Tensor], None] | None:
+    """`model.calibrate` of a layer stack in C, (N, T) ids -> every BatchNorm's buffers, or None
+    where the C step would not run, and `model.calibrate` is the one to use."""
+    stepper = _eval_stepper(model)
+    return None if stepper is None else stepper.calibrate
+
+
+def _eval_stepper(model: Model) -> "KernelStackStepper | None":
+    return make_stack_stepper(model, EVAL_ROWS) if stack_kernel_is_fast() else None
 
 
 class KernelStackStepper:
@@ -275,6 +286,19 @@ class KernelStackStepper:
                                      self.work.data_ptr()):
                 raise ValueError(f"a context holds an id outside the vocabulary of {self.plan.V}")
         return logits
+
+    def calibrate(self, X: Tensor) -> None:
+        """Model.calibrate in C (stack_step.c's stack_calibrate): each BatchNorm's buffers become the
+        statistics of its input over the contexts X (N, T) int64, the network run once per distinct
+        context, weighed by its count."""
+        self._check_tensors()
+        if X.dtype != torch.int64 or X.ndim != 2 or X.shape[1] != self.plan.T or X.shape[0] < 1:
+            raise ValueError(f"contexts {tuple(X.shape)} of {X.dtype} are not (N >= 1, {self.plan.T}) int64 ids")
+        contexts = distinct_contexts(X)
+        rows, counts = contexts.rows.contiguous(), contexts.counts.contiguous()  # (U, T), (U,)
+        if self.lib.stack_calibrate(self.plan_ref, rows.data_ptr(), counts.data_ptr(), rows.shape[0],
+                                    self.batch_size, self.work.data_ptr()):
+            raise ValueError(f"a context holds an id outside the vocabulary of {self.plan.V}")
 
     def step_with_grads(self, Xb: Tensor, Yb: Tensor, lr: float) -> tuple[Tensor, dict[str, Tensor]]:
         """`step`, keeping the gradients it applied: (loss, {parameter name: gradient}), for tests."""

@@ -34,7 +34,7 @@
 int stack_step_is_vectorized(void) { return runs_x86_64_v3(); }
 
 /* The layout of Stack and the functions below; stack_kernel.py's mirror checks this number (stack_kernel.ABI). */
-int stack_step_abi(void) { return 2; }
+int stack_step_abi(void) { return 3; }
 
 #define STACK_MAX_LAYERS 16
 
@@ -323,14 +323,14 @@ CLONED float stack_step(const Stack *s, const int64_t *restrict X, const int64_t
 /* ------------------------------------------------------------------------------------------ */
 /* eval mode */
 
-/* The (B, V) logits of the contexts X (B, T) in eval mode, written to `logits`: the forward pass
-   above with each BatchNorm normalising by its buffers, y = gain * (pre - running_mean) *
-   (running_var + eps)**-0.5 + bias (ops.batchnorm_inference); nothing is updated. The workspace
-   is the step's at batch B. Returns 0; -1 (and writes nothing) when an id is not in the
-   vocabulary or the stack does not chain. */
-CLONED int stack_logits(const Stack *s, const int64_t *restrict X, int64_t B, float *restrict logits,
-                        float *restrict work) {
-    if (!stack_is_valid(s) || B < 1 || !ids_in_vocabulary(X, B * s->T, s->V)) return -1;
+/* The eval-mode forward pass of the contexts X (B, T), each BatchNorm normalising by its buffers:
+   y = gain * (pre - running_mean) * (running_var + eps)**-0.5 + bias (ops.batchnorm_inference).
+   With stop < L it ends at layer `stop`'s pre-activation x @ W + b, (B*P, N) in the workspace,
+   and returns it; with stop == L it writes the (B, V) logits to `logits` and returns them.
+   Inlined into its CLONED callers, so that it runs in their copy for this CPU. */
+static inline __attribute__((always_inline)) const float *eval_forward(const Stack *s, const int64_t *restrict X,
+                                                                       int64_t B, int64_t stop, float *logits,
+                                                                       float *work) {
     const Layout w = layout(s, B);
     float *emb = work + w.emb, *row = work + w.vecs, *rstd = row + w.max_N;  /* (B*T, E), (N,), (N,) */
     embed(s, X, B, emb);
@@ -341,6 +341,7 @@ CLONED int stack_logits(const Stack *s, const int64_t *restrict X, int64_t B, fl
         float *out = l == s->L - 1 ? logits : work + w.out[l];       /* (R, N) */
         float *pre = y->batchnorm || y->tanh ? work + w.pre[l] : out;  /* (R, N): a Linear alone writes out */
         linear_rows(y, R, x, pre, work + w.panel);
+        if (l == stop) return pre;
         if (y->batchnorm) {
             for (int64_t j = 0; j < N; j++) rstd[j] = 1.0f / sqrtf(y->running_var[j] + y->eps);
             for (int64_t r = 0; r < R; r++) {
@@ -354,6 +355,65 @@ CLONED int stack_logits(const Stack *s, const int64_t *restrict X, int64_t B, fl
             tanh_rows(R * N, pre, out);  /* h = tanh(pre) */
         }
         x = out;
+    }
+    return logits;
+}
+
+/* The (B, V) logits of the contexts X (B, T) in eval mode, written to `logits`; nothing is
+   updated. The workspace is the step's at batch B. Returns 0; -1 (and writes nothing) when an
+   id is not in the vocabulary or the stack does not chain. */
+CLONED int stack_logits(const Stack *s, const int64_t *restrict X, int64_t B, float *restrict logits,
+                        float *restrict work) {
+    if (!stack_is_valid(s) || B < 1 || !ids_in_vocabulary(X, B * s->T, s->V)) return -1;
+    eval_forward(s, X, B, s->L, logits, work);
+    return 0;
+}
+
+/* BatchNorm1d.calibrate for every BatchNorm of the stack (nn.Sequential.calibrate): its buffers
+   become the mean and the unbiased variance of its input over the contexts X (U, T), context u
+   counted counts[u] times (data.distinct_contexts), n = sum(counts) * P samples a feature, each
+   BatchNorm's input coming through the layers below as calibrated already. Two passes a
+   BatchNorm, in float64 (the mean, then the squared deviations from it), `chunk` contexts at a
+   time in the workspace of a step at batch `chunk`. Returns 0; -1 (and changes nothing) when an
+   id is not in the vocabulary, a count is negative, or the stack does not chain. */
+CLONED int stack_calibrate(const Stack *s, const int64_t *restrict X, const int64_t *restrict counts, int64_t U,
+                           int64_t chunk, float *restrict work) {
+    if (!stack_is_valid(s) || U < 1 || chunk < 1 || !ids_in_vocabulary(X, U * s->T, s->V)) return -1;
+    int64_t total = 0;
+    for (int64_t u = 0; u < U; u++) {
+        if (counts[u] < 0) return -1;
+        total += counts[u];
+    }
+    const Layout w = layout(s, chunk);
+    double *mean = (double *)(void *)(work + w.sums), *squares = mean + w.max_N;  /* (N,) each; eval_forward
+                                                                                       leaves the sums alone */
+    for (int64_t l = 0; l < s->L; l++) {
+        const Layer *y = &s->layers[l];
+        if (!y->batchnorm) continue;
+        const int64_t P = y->P, N = y->N;
+        const double n = (double)total * P;
+        memset(mean, 0, N * sizeof(double));
+        memset(squares, 0, N * sizeof(double));
+        for (int pass = 0; pass < 2; pass++) {  /* sum(w * x) / n; then sum(w * (x - mean)**2) */
+            for (int64_t first = 0; first < U; first += chunk) {
+                const int64_t B = U - first < chunk ? U - first : chunk;
+                const float *pre = eval_forward(s, X + first * s->T, B, l, NULL, work);  /* (B*P, N) */
+                for (int64_t r = 0; r < B * P; r++) {
+                    const double weight = (double)counts[first + r / P];
+                    const float *x = pre + r * N;  /* (N,) */
+                    if (pass == 0)
+                        for (int64_t j = 0; j < N; j++) mean[j] += weight * x[j];
+                    else
+                        for (int64_t j = 0; j < N; j++) squares[j] += weight * (x[j] - mean[j]) * (x[j] - mean[j]);
+                }
+            }
+            if (pass == 0)
+                for (int64_t j = 0; j < N; j++) mean[j] /= n;
+        }
+        for (int64_t j = 0; j < N; j++) {
+            y->running_mean[j] = (float)mean[j];
+            y->running_var[j] = (float)(squares[j] / (n - 1));  /* Bessel's correction, as the lecture's */
+        }
     }
     return 0;
 }
