@@ -15,6 +15,9 @@ makemore's and ours) do the rest. Then, as `train` ends: the split losses and 20
     python benchmarks/twin_transformer.py --per-layer --steps 60
         # where a hand-written step's time goes, layer by layer: with the C kernels (as trained), the
         # fused torch forms and the readable ops, alternated step by step; and the twin's step
+    python benchmarks/twin_transformer.py --products --steps 200 [--batch-size 512]
+        # the matrix products alone, as torch.mm calls at the step's shapes, against the twin's whole
+        # step: the least ratio a hand-written step with the same products can reach
     python benchmarks/twin_transformer.py --memory --steps 20 --batch-size 512
         # training steps only (no evaluation, no sampling), each kind in a fresh process: peak RSS
         # of the hand-written step (attention weights kept, or recomputed in the backward), the twin
@@ -328,6 +331,113 @@ def per_layer(args) -> None:
     print(", ".join(f"twin / {kind}: {twin_ms / statistics.median(steps[kind]):.3f}x" for kind in KINDS))
 
 
+PEAK_C = r"""
+#include <immintrin.h>
+#include <stdio.h>
+#include <time.h>
+/* 12 independent chains of 16-float fused multiply-adds: the core's peak float32 rate */
+int main(void) {
+    __m512 acc[12], x = _mm512_set1_ps(1.0000001f), y = _mm512_set1_ps(0.9999999f);
+    for (int j = 0; j < 12; j++) acc[j] = _mm512_set1_ps((float)j);
+    const long n = 100000000;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (long i = 0; i < n; i++)
+        for (int j = 0; j < 12; j++) acc[j] = _mm512_fmadd_ps(acc[j], x, y);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    float sum = 0.0f;
+    for (int j = 0; j < 12; j++) sum += _mm512_reduce_add_ps(acc[j]);
+    const double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+    printf("%f %f\n", n * 12.0 * 16 * 2 / s / 1e9, sum);
+    return 0;
+}
+"""
+
+
+def peak_gflops() -> float | None:
+    """The core's peak float32 rate, GFLOP/s, from PEAK_C (gcc -O3 -march=native); None without gcc
+    or AVX-512. The best of 3 runs."""
+    import shutil
+    import tempfile
+
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        source, binary = Path(tmp) / "peak.c", Path(tmp) / "peak"
+        source.write_text(PEAK_C)
+        if subprocess.run([compiler, "-O3", "-march=native", str(source), "-o", str(binary)],
+                          capture_output=True).returncode != 0:
+            return None
+        runs = [subprocess.run([str(binary)], capture_output=True, text=True) for _ in range(3)]
+    rates = [float(r.stdout.split()[0]) for r in runs if r.returncode == 0]
+    return max(rates) if rates else None
+
+
+def products(args) -> None:
+    """The least time a step with the twin's matrix products can take: each Linear's three
+    products (out = x @ W, dx = dout @ W.T, dW = x.T @ dout) timed as torch.mm calls on one thread
+    at the step's shapes, summed over the layers, against the twin's whole step; and the same
+    FLOPs at the core's peak rate (PEAK_C). The attention's own products (q @ k.T and its four in
+    the backward, 3% of the FLOPs) are left out, so the bound is if anything low."""
+    import time
+
+    ds, model, g = setup(args.input)
+    torch.set_num_threads(args.threads or 1)
+    rows = args.batch_size * model.config.block_size
+    linears = [layer for layer in model.net.leaves() if type(layer).__name__ == "Linear"]
+
+    def median_time(f, n: int = 200) -> float:
+        for _ in range(20):
+            f()
+        ts = []
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(n):
+                f()
+            ts.append((time.perf_counter() - t) / n)
+        return statistics.median(ts)
+
+    seconds, flops, shapes = 0.0, 0, {}
+    for layer in linears:
+        fan_in, fan_out = layer.params[layer.w_name].shape
+        shapes[(fan_in, fan_out)] = shapes.get((fan_in, fan_out), 0) + 1
+    print(f"batch {args.batch_size} x block {model.config.block_size} = {rows} rows; one thread; torch.mm")
+    print(f"{'Linear':>10s} {'calls':>5s} {'forward':>9s} {'dx':>9s} {'dW':>9s} {'GFLOP/s':>8s}")
+    for (fan_in, fan_out), calls in shapes.items():
+        x, w, dout = torch.randn(rows, fan_in), torch.randn(fan_in, fan_out), torch.randn(rows, fan_out)
+        out, dx, dw = torch.empty(rows, fan_out), torch.empty(rows, fan_in), torch.empty(fan_in, fan_out)
+        wT, xT = w.T.contiguous(), x.T.contiguous()  # as the step hands them to the BLAS: no copy timed
+        t = [median_time(lambda: torch.mm(x, w, out=out)), median_time(lambda: torch.mm(dout, wT, out=dx)),
+             median_time(lambda: torch.mm(xT, dout, out=dw))]
+        layer_flops = 3 * 2 * rows * fan_in * fan_out
+        print(f"{fan_in:>4d}x{fan_out:<5d} {calls:5d} {t[0] * 1e6:7.1f}us {t[1] * 1e6:7.1f}us {t[2] * 1e6:7.1f}us "
+              f"{layer_flops / sum(t) / 1e9:8.1f}")
+        seconds += calls * sum(t)
+        flops += calls * layer_flops
+
+    twin = twin_of(model)
+    ix = torch.randint(0, ds.train.X.shape[0], (args.batch_size,), generator=g)
+    X, Y = ds.train.X[ix], ds.train.Y[ix]
+
+    optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+
+    def twin_step():  # the whole of it, so that the ratio below is a true lower bound
+        twin.zero_grad(set_to_none=True)
+        sequence_loss(twin(X), Y).backward()
+        optimizer.step()
+
+    twin_seconds = median_time(twin_step, n=max(1, args.steps // 7))
+    peak = peak_gflops()
+    print(f"the products of a step: {flops / 1e6:.0f} MFLOP in {seconds * 1e3:.2f} ms ({flops / seconds / 1e9:.1f} GFLOP/s)")
+    print(f"the twin's whole step (forward, backward, AdamW): {twin_seconds * 1e3:.2f} ms")
+    print(f"bound: a step with these products takes at least {seconds / twin_seconds:.3f}x the twin's")
+    if peak is not None:
+        at_peak = flops / (peak * 1e9)
+        print(f"at the core's peak ({peak:.1f} GFLOP/s, PEAK_C): {at_peak * 1e3:.2f} ms, "
+              f"{at_peak / twin_seconds:.3f}x the twin's step")
+
+
 def memory(args) -> None:
     """Peak RSS of each kind of step in its own process, alternated over the rounds (the max is kept)."""
     kinds = ["hand", "hand-recompute", "twin"]
@@ -355,6 +465,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--per-layer", action="store_true", help="where a step's time goes, layer by layer")
     parser.add_argument("--memory", action="store_true", help="peak RSS of the training steps alone, per kind")
+    parser.add_argument("--products", action="store_true",
+                        help="the least time the matrix products allow a step, against the twin's step")
     parser.add_argument("--steps-only", choices=["hand", "hand-recompute", "twin"], help=argparse.SUPPRESS)
     parser.add_argument("train_args", nargs="*", help="more options for `backprop-ninja train` (after --)")
     args = parser.parse_args()
@@ -364,6 +476,8 @@ def main() -> None:
         per_layer(args)
     elif args.memory:
         memory(args)
+    elif args.products:
+        products(args)
     else:
         compare(args) if args.compare else run_twin(args)
 
