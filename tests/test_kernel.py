@@ -136,6 +136,12 @@ def test_the_c_step_refuses_contexts_that_do_not_fit_its_block_size():
     stepper = kernel.make_kernel_stepper(lecture_mlp(), 5)
     with pytest.raises(ValueError, match="block size 3"):
         stepper.step(torch.zeros(5, 4, dtype=torch.long), torch.zeros(5, dtype=torch.long), 0.1)
+    # a chunk of 9 batches handed to `step` (its workspace is for one batch), one batch to `steps`
+    X, Y = torch.zeros(9, 5, 3, dtype=torch.long), torch.zeros(9, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="block size 3"):
+        stepper.step(X, Y, 0.1)
+    with pytest.raises(ValueError, match="block size 3"):
+        stepper.steps(X[0], Y[0], [0.1])
 
 
 @needs_kernel

@@ -169,6 +169,11 @@ def test_an_id_outside_the_vocabulary_gives_nan_and_changes_nothing(words_file):
         stepper.step(X.int(), Y, 0.1)
     with pytest.raises(ValueError, match="block size 5"):
         stepper.step(torch.zeros(5, 4, dtype=torch.long), Y, 0.1)
+    # a chunk of 9 batches handed to `step` (its workspace is for one batch), one batch to `steps`
+    with pytest.raises(ValueError, match="block size 5"):
+        stepper.step(X.expand(9, 5, 5), Y.expand(9, 5), 0.1)
+    with pytest.raises(ValueError, match="block size 5"):
+        stepper.steps(X, Y, [0.1])
     assert torch.isfinite(stepper.step(X, Y, 0.1))  # and a good batch still steps
 
 

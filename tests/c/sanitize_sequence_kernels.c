@@ -5,7 +5,9 @@
  * *_work_floats functions say), so a read or write one float past any of them stops the run. The
  * shapes run one step and one row (T = 1, B = 1), widths below one block of columns and with
  * partial blocks after the AVX-512 ones (H of 5, 37, 33), E != H, a broadcast start state and one
- * row per example, and sums of more than KC = 256 rows (B * T = 340). */
+ * row per example, and sums of more than KC = 256 rows (B * T = 340). The workspaces start as NaN,
+ * so a float read before it is written spoils a result; ids outside the vocabulary on either side
+ * must be refused (NaN) with nothing changed. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +18,14 @@ static float *floats(int64_t n, unsigned seed) {
     float *p = malloc((n > 0 ? n : 1) * sizeof *p);
     srand(seed);
     for (int64_t i = 0; i < n; i++) p[i] = 2.0f * ((float)rand() / RAND_MAX - 0.5f);
+    return p;
+}
+
+/* scratch as the C code finds it: NaN everywhere, so that a read of a float it did not write first
+   shows in its results */
+static float *nans(int64_t n) {
+    float *p = malloc((n > 0 ? n : 1) * sizeof *p);
+    for (int64_t i = 0; i < n; i++) p[i] = NAN;
     return p;
 }
 
@@ -35,21 +45,21 @@ static int cells(int64_t B, int64_t T, int64_t E, int64_t H, int64_t h0_rows) {
         w[i] = floats(EH * H, 10 + i), b[i] = floats(H, 20 + i), dw[i] = floats(EH * H, 30 + i), db[i] = floats(H, 40 + i);
         for (int64_t k = 0; k < EH * H; k++) w[i][k] /= sqrtf((float)EH);
     }
-    float *work = floats(rnn_forward_work_floats(B, T, E, H), 50);
+    float *work = nans(rnn_forward_work_floats(B, T, E, H));
     rnn_forward(B, T, E, H, h0_rows, x, h0, w[0], b[0], out, work);
     free(work);
     int ok = all_finite(out, BT * H);
-    work = floats(rnn_backward_work_floats(B, T, E, H), 51);
+    work = nans(rnn_backward_work_floats(B, T, E, H));
     rnn_backward(B, T, E, H, h0_rows, x, h0, w[0], out, dout, dx, dh0, dw[0], db[0], dh, work);
     free(work);
     ok &= all_finite(dx, BT * E) && all_finite(dh0, h0_rows * H) && all_finite(dw[0], EH * H) && all_finite(db[0], H)
           && all_finite(dh, BT * H);
     float *gates = floats(BT * 3 * H, 60), *reset = floats(BT * H, 61);
-    work = floats(gru_forward_work_floats(B, T, E, H), 52);
+    work = nans(gru_forward_work_floats(B, T, E, H));
     gru_forward(B, T, E, H, h0_rows, x, h0, w[0], b[0], w[1], b[1], w[2], b[2], out, gates, reset, work);
     free(work);
     ok &= all_finite(out, BT * H) && all_finite(gates, BT * 3 * H) && all_finite(reset, BT * H);
-    work = floats(gru_backward_work_floats(B, T, E, H), 53);
+    work = nans(gru_backward_work_floats(B, T, E, H));
     gru_backward(B, T, E, H, h0_rows, x, h0, w[0], w[1], w[2], out, gates, reset, dout, dx, dh0, dw[0], db[0], dw[1],
                  db[1], dw[2], db[2], dh, work);
     free(work);
@@ -87,12 +97,16 @@ static int step(int64_t kind, int64_t B, int64_t T, int64_t E, int64_t H, int64_
     for (int64_t i = 0; i < B * T; i++) X[i] = (i * 7 + 3) % V, Y[i] = i % T > T / 2 ? -1 : (i * 5 + 1) % V;
     const int64_t floats_needed = sequence_workspace_floats(&s, B);
     int ok = floats_needed > 0;
-    float *work = floats(floats_needed, 60);
+    float *work = nans(floats_needed);
     for (int64_t t = 1; t <= 3; t++) ok &= isfinite(sequence_step(&s, X, Y, B, 1e-3, t, work));
     float before = s.params[0].p[0];
     for (int64_t i = 0; i < B * T; i++) Y[i] = -1;  /* nothing predicted */
     ok &= isnan(sequence_step(&s, X, Y, B, 1e-3, 4, work)) && s.params[0].p[0] == before;
-    Y[0] = 0, X[B * T - 1] = V;  /* an id outside the vocabulary */
+    Y[0] = 0, X[B * T - 1] = V;  /* an id outside the vocabulary: past its end, and before it */
+    ok &= isnan(sequence_step(&s, X, Y, B, 1e-3, 4, work)) && s.params[0].p[0] == before;
+    X[B * T - 1] = -1;
+    ok &= isnan(sequence_step(&s, X, Y, B, 1e-3, 4, work)) && s.params[0].p[0] == before;
+    X[B * T - 1] = 0, Y[0] = -2;  /* -1 is padding, -2 is nothing */
     ok &= isnan(sequence_step(&s, X, Y, B, 1e-3, 4, work)) && s.params[0].p[0] == before;
     for (int64_t i = 0; i < P; i++) ok &= all_finite(s.params[i].p, n[i]) && all_finite(s.params[i].grad, n[i]);
     for (int64_t i = 0; i < P; i++) free(s.params[i].p), free(s.params[i].m), free(s.params[i].v), free(s.params[i].grad);

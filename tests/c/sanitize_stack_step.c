@@ -50,6 +50,7 @@ static int run(int64_t T, int64_t E, int64_t V, int64_t L, const int64_t *fuse, 
     for (int64_t i = 0; i < S * B * T; i++) X[i] = i % V;
     for (int64_t i = 0; i < S * B; i++) Y[i] = (i * 7) % V;
     float *work = floats(stack_workspace_floats(&s, B), 10), *lrs = floats(S, 11), *losses = floats(S, 12);
+    for (int64_t i = 0; i < stack_workspace_floats(&s, B); i++) work[i] = NAN;  /* a read before a write shows */
     stack_steps(&s, X, Y, S, B, lrs, losses, work);
     for (int64_t i = 0; i < S; i++) bad |= !isfinite(losses[i]);
     float *logits = floats(B * V, 13);  /* eval mode, in the step's workspace; then one row less */
@@ -69,6 +70,8 @@ static int run(int64_t T, int64_t E, int64_t V, int64_t L, const int64_t *fuse, 
     X[0] = V;  /* an id outside the vocabulary: NaN, and nothing read through it */
     bad |= !isnan(stack_step(&s, X, Y, B, 0.1f, work)) || stack_logits(&s, X, B, logits, work) != -1
            || stack_calibrate(&s, X, counts, S * B, B, work) != -1;
+    X[0] = -1;
+    bad |= !isnan(stack_step(&s, X, Y, B, 0.1f, work)) || stack_logits(&s, X, B, logits, work) != -1;
     X[0] = 0; Y[0] = -1;
     bad |= !isnan(stack_step(&s, X, Y, B, 0.1f, work));
     Y[0] = 0;

@@ -31,7 +31,8 @@
 
 #include "../training/step_kernels.h"
 
-/* The argument layout of the functions below; native_recurrent.py checks this number (ABI). */
+/* The argument layout of the functions below and of the structures Param and Sequence;
+   native_recurrent.py checks this number (ABI), for sequence_kernel.py's mirrors too. */
 int sequence_kernels_abi(void) { return 1; }
 
 /* floats of matmul's zero-padded panel for a last, partial block of columns: KC terms x 2W */
@@ -140,8 +141,8 @@ CLONED void rnn_forward(int64_t B, int64_t T, int64_t E, int64_t H, int64_t h0_r
     rnn_steps(B, T, E, H, h0_rows, h0, w, b, out, work);
 }
 
-/* scratch of rnn_steps_backward: H doubles, W transposed, h_{t-1} of every position, one step's rows,
-   a panel */
+/* scratch of rnn_steps_backward: H doubles, W transposed, h_{t-1} of every position, what step 0
+   passes back to h0 (B, H), a panel */
 static int64_t rnn_steps_backward_floats(int64_t B, int64_t T, int64_t E, int64_t H) {
     return 2 * H + H * (E + H) + B * T * H + B * H + PANEL;
 }
@@ -292,8 +293,8 @@ CLONED void gru_forward(int64_t B, int64_t T, int64_t E, int64_t H, int64_t h0_r
     gru_steps(B, T, E, H, h0_rows, h0, w_r, b_r, w_hbar, b_hbar, w_z, b_z, out, gates, reset, steps);
 }
 
-/* scratch of gru_steps_backward: H doubles, the h_{t-1} rows transposed, one step's dL/dh_reset,
-   h_{t-1} of every position, what step 0 passes back to h0, a panel */
+/* scratch of gru_steps_backward: H doubles, W_r[E:], W_z[E:] and W_hbar[E:] transposed, one step's
+   dL/dh_reset, h_{t-1} of every position, what step 0 passes back to h0, a panel */
 static int64_t gru_steps_backward_floats(int64_t B, int64_t T, int64_t H) {
     return 2 * H + 2 * H * H + H * H + B * H + B * T * H + B * H + PANEL;
 }
@@ -564,7 +565,10 @@ static inline __attribute__((always_inline)) double softmax_loss(int64_t R, int6
         }
         float max = -INFINITY;
         for (int64_t j = 0; j < V; j++) max = row[j] > max ? row[j] : max;
-        for (int64_t j = 0; j < V; j++) exps[j] = exp64((double)row[j] - max);  /* apart from the sum: vectorized */
+        for (int64_t j = 0; j < V; j++) {  /* apart from the sum: vectorized */
+            const double y = (double)row[j] - max;  /* <= 0; exp64 holds from -700, and e^-700 is 0 to a float */
+            exps[j] = exp64(y < -700.0 ? -700.0 : y);
+        }
         double total = 0.0;
         for (int64_t j = 0; j < V; j++) total += exps[j];
         loss -= (double)row[Y[i]] - max - log(total);  /* logprobs = logits - max - log(sum(exp(logits - max))) */
@@ -576,14 +580,8 @@ static inline __attribute__((always_inline)) double softmax_loss(int64_t R, int6
     return loss;
 }
 
-/* rows[i] += by[i] for every bias of R rows of N: out = x @ W + b */
-static inline __attribute__((always_inline)) void add_bias(int64_t R, int64_t N, float *restrict rows,
-                                                           const float *restrict b) {
-    for (int64_t i = 0; i < R; i++)
-        for (int64_t j = 0; j < N; j++) rows[i * N + j] += b[j];
-}
-
-/* table[X[i]] += rows[i] for the R rows of N: the backward of a lookup, emb = table[X] */
+/* table = one_hot(X).T @ rows, (V, N), for the R rows of N: the backward of a lookup, emb = table[X]
+   (each table row the sum of the rows that looked it up; the table is zeroed first) */
 static inline __attribute__((always_inline)) void scatter_rows(int64_t R, int64_t N, const int64_t *restrict X,
                                                                const float *restrict rows, float *restrict table,
                                                                int64_t V) {
@@ -766,7 +764,7 @@ CLONED float sequence_step(const Sequence *s, const int64_t *restrict X, const i
         /* y = x + att @ x: dx = dy + att.T @ dy, dx[s] = dy[s] + sum over q >= s of dy[q] / (q+1), a running
            sum from the last position back; into x */
         for (int64_t b = 0; b < B; b++) {
-            float *running = dh_out;  /* (E,) sum over the positions after this one of dy[q] / (q+1); dz is used */
+            float *running = dh_out;  /* (E,) sum over the positions after this one of dy[q] / (q+1); dz is no longer needed */
             memset(running, 0, E * sizeof(float));
             for (int64_t q = T - 1; q >= 0; q--) {
                 const float weight = 1.0f / (float)(q + 1), *dyq = dy + (b * T + q) * E;

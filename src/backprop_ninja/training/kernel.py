@@ -124,12 +124,12 @@ class KernelMLPStepper:
         self.plan_ref = ctypes.byref(self.plan)
         self.lib = load_library()
         self.batch_size = batch_size
-        self.work = torch.empty(self.lib.mlp_workspace_floats(self.plan_ref, batch_size))  # float32 scratch
+        self.work = torch.empty(self.lib.mlp_workspace_floats(self.plan_ref, batch_size), dtype=torch.float32)
 
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         """One SGD step on the batch (Xb (B, T) int64, Yb (B,) int64); returns the loss (0-d)."""
         self._check_tensors()
-        Xb, Yb = self._ids(Xb, Yb)
+        Xb, Yb = self._ids(Xb, Yb, batch_dims=1)
         loss = self.lib.mlp_step(self.plan_ref, Xb.data_ptr(), Yb.data_ptr(), Yb.shape[0], lr, self.work.data_ptr())
         return torch.scalar_tensor(loss)  # float32 0-d; cheaper than torch.tensor(loss)
 
@@ -140,12 +140,12 @@ class KernelMLPStepper:
         chunks of steps on which no per-step check (--verify-every, diagnostics) falls.
         """
         self._check_tensors()
-        Xs, Ys = self._ids(Xs, Ys)
-        if Ys.ndim != 2 or len(lrs) != Ys.shape[0]:
-            raise ValueError(f"{len(lrs)} learning rates for {Ys.shape[0] if Ys.ndim else 0} batches of steps")
+        Xs, Ys = self._ids(Xs, Ys, batch_dims=2)
+        if len(lrs) != Ys.shape[0]:
+            raise ValueError(f"{len(lrs)} learning rates for {Ys.shape[0]} batches of steps")
         S, B = Ys.shape
         lr = torch.tensor(lrs, dtype=torch.float32)  # (S,)
-        losses = torch.empty(S)  # (S,)
+        losses = torch.empty(S, dtype=torch.float32)  # (S,)
         self.lib.mlp_steps(self.plan_ref, Xs.data_ptr(), Ys.data_ptr(), S, B, lr.data_ptr(), losses.data_ptr(),
                            self.work.data_ptr())
         return losses
@@ -160,15 +160,16 @@ class KernelMLPStepper:
             if not is_cpu_float32(t):
                 raise RuntimeError(f"the model's {key} is no longer contiguous float32 on the CPU")
 
-    def _ids(self, X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
-        """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size."""
+    def _ids(self, X: Tensor, Y: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
+        """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size:
+        Y (B,) for a step, (S, B) for a chunk of steps (the batch size the workspace is made for)."""
         if X.dtype != torch.int64 or Y.dtype != torch.int64:
             raise TypeError(f"the C step takes int64 ids, not {X.dtype} and {Y.dtype}")
-        if X.shape != (*Y.shape, self.plan.T):
+        if Y.ndim != batch_dims or Y.shape[-1] < 1 or X.shape != (*Y.shape, self.plan.T):
             raise ValueError(f"contexts {tuple(X.shape)} do not fit targets {tuple(Y.shape)} "
                              f"and block size {self.plan.T}")
         B = Y.shape[-1]
         if B != self.batch_size:
             self.batch_size = B
-            self.work = torch.empty(self.lib.mlp_workspace_floats(self.plan_ref, B))
+            self.work = torch.empty(self.lib.mlp_workspace_floats(self.plan_ref, B), dtype=torch.float32)
         return X.contiguous(), Y.contiguous()  # no copy for the slices train passes

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from backprop_ninja.conventions import IGNORE_INDEX
 from backprop_ninja.models import Model
 from backprop_ninja.models.base import SequenceModel
 from backprop_ninja.native import FLOAT_P, float_address, is_cpu_float32, set_signatures
@@ -204,13 +205,13 @@ class KernelSequenceStepper:
         self.plan_ref = ctypes.byref(self.plan)
         self.lib = load_library()
         self.batch_size = 0
-        self.work = torch.empty(0)
+        self.work = torch.empty(0, dtype=torch.float32)
         self._workspace(batch_size)
 
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         """One step on the batch (Xb, Yb (B, T) int64, Yb -1 where ignored); returns the loss (0-d)."""
         self._check_tensors()
-        Xb, Yb = self._ids(Xb, Yb)
+        Xb, Yb = self._ids(Xb, Yb, batch_dims=1)
         loss = self.lib.sequence_step(self.plan_ref, Xb.data_ptr(), Yb.data_ptr(), Yb.shape[0], lr,
                                       self.optimizer.t + 1, self.work.data_ptr())
         self.optimizer.t += 1
@@ -222,12 +223,12 @@ class KernelSequenceStepper:
         The same as calling `step` on each batch in turn, bit for bit.
         """
         self._check_tensors()
-        Xs, Ys = self._ids(Xs, Ys)
-        if Ys.ndim != 3 or len(lrs) != Ys.shape[0]:
-            raise ValueError(f"{len(lrs)} learning rates for {Ys.shape[0] if Ys.ndim else 0} batches of steps")
+        Xs, Ys = self._ids(Xs, Ys, batch_dims=2)
+        if len(lrs) != Ys.shape[0]:
+            raise ValueError(f"{len(lrs)} learning rates for {Ys.shape[0]} batches of steps")
         S, B, _ = Ys.shape
         lr = torch.tensor(lrs, dtype=torch.float64)  # (S,) the Python floats, as AdamW.step reads them
-        losses = torch.empty(S)  # (S,)
+        losses = torch.empty(S, dtype=torch.float32)  # (S,)
         self.lib.sequence_steps(self.plan_ref, Xs.data_ptr(), Ys.data_ptr(), S, B, lr.data_ptr(),
                                 self.optimizer.t + 1, losses.data_ptr(), self.work.data_ptr())
         self.optimizer.t += S
@@ -250,7 +251,8 @@ class KernelSequenceStepper:
             floats = self.lib.sequence_workspace_floats(self.plan_ref, batch_size)
             if floats < 0:
                 raise ValueError(f"the C sequence step cannot run this model at batch {batch_size}")
-            self.work = torch.empty(floats)  # float32 scratch, 64-byte aligned (its float64 sums come first)
+            # float32 scratch, 64-byte aligned (its float64 sums come first)
+            self.work = torch.empty(floats, dtype=torch.float32)
             self.batch_size = batch_size
 
     def _check_tensors(self) -> None:
@@ -264,11 +266,18 @@ class KernelSequenceStepper:
             if not all(map(is_cpu_float32, (p, m, v))):
                 raise RuntimeError(f"the model's {key} or its moments are no longer contiguous float32 on the CPU")
 
-    def _ids(self, X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
-        """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size."""
+    def _ids(self, X: Tensor, Y: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
+        """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size:
+        (B, T) for a step, (S, B, T) for a chunk of steps. A batch the C step would refuse (an id outside
+        the vocabulary, no target to predict) is refused here, before AdamW's step count moves."""
         if X.dtype != torch.int64 or Y.dtype != torch.int64:
             raise TypeError(f"the C step takes int64 ids, not {X.dtype} and {Y.dtype}")
-        if X.shape != Y.shape or X.ndim not in (2, 3) or X.shape[-1] != self.plan.T or X.shape[-2] < 1:
-            raise ValueError(f"words {tuple(X.shape)} and targets {tuple(Y.shape)} do not fit block size {self.plan.T}")
+        T, V = self.plan.T, self.plan.V
+        if X.shape != Y.shape or X.ndim != batch_dims + 1 or X.shape[-1] != T or X.shape[-2] < 1:
+            raise ValueError(f"words {tuple(X.shape)} and targets {tuple(Y.shape)} do not fit block size {T}")
+        if X.min() < 0 or X.max() >= V or Y.min() < IGNORE_INDEX or Y.max() >= V:
+            raise ValueError(f"an id outside the vocabulary of {V} (targets may also be {IGNORE_INDEX})")
+        if not (Y != IGNORE_INDEX).flatten(-2).any(-1).all():
+            raise ValueError(f"a batch with nothing to predict: every target is {IGNORE_INDEX}")
         self._workspace(X.shape[-2])
         return X.contiguous(), Y.contiguous()  # no copy for the slices train passes

@@ -247,13 +247,13 @@ class KernelStackStepper:
         self.plan_ref = ctypes.byref(self.plan)
         self.lib = load_library()
         self.batch_size = 0
-        self.work = torch.empty(0)
+        self.work = torch.empty(0, dtype=torch.float32)
         self._workspace(batch_size)
 
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         """One SGD step on the batch (Xb (B, T) int64, Yb (B,) int64); returns the loss (0-d)."""
         self._check_tensors()
-        Xb, Yb = self._ids(Xb, Yb)
+        Xb, Yb = self._ids(Xb, Yb, batch_dims=1)
         loss = self.lib.stack_step(self.plan_ref, Xb.data_ptr(), Yb.data_ptr(), Yb.shape[0], lr, self.work.data_ptr())
         return torch.scalar_tensor(loss)  # float32 0-d; cheaper than torch.tensor(loss)
 
@@ -263,12 +263,12 @@ class KernelStackStepper:
         The same as calling `step` on each batch in turn, bit for bit.
         """
         self._check_tensors()
-        Xs, Ys = self._ids(Xs, Ys)
-        if Ys.ndim != 2 or len(lrs) != Ys.shape[0]:
-            raise ValueError(f"{len(lrs)} learning rates for {Ys.shape[0] if Ys.ndim else 0} batches of steps")
+        Xs, Ys = self._ids(Xs, Ys, batch_dims=2)
+        if len(lrs) != Ys.shape[0]:
+            raise ValueError(f"{len(lrs)} learning rates for {Ys.shape[0]} batches of steps")
         S, B = Ys.shape
         lr = torch.tensor(lrs, dtype=torch.float32)  # (S,)
-        losses = torch.empty(S)  # (S,)
+        losses = torch.empty(S, dtype=torch.float32)  # (S,)
         self.lib.stack_steps(self.plan_ref, Xs.data_ptr(), Ys.data_ptr(), S, B, lr.data_ptr(), losses.data_ptr(),
                              self.work.data_ptr())
         return losses
@@ -280,7 +280,7 @@ class KernelStackStepper:
         if X.dtype != torch.int64 or X.ndim != 2 or X.shape[1] != self.plan.T:
             raise ValueError(f"contexts {tuple(X.shape)} of {X.dtype} are not (N, {self.plan.T}) int64 ids")
         X = X.contiguous()
-        logits = torch.empty(X.shape[0], self.plan.V)  # (N, V)
+        logits = torch.empty(X.shape[0], self.plan.V, dtype=torch.float32)  # (N, V)
         for rows, out in zip(X.split(self.batch_size), logits.split(self.batch_size)):
             if self.lib.stack_logits(self.plan_ref, rows.data_ptr(), rows.shape[0], out.data_ptr(),
                                      self.work.data_ptr()):
@@ -318,7 +318,8 @@ class KernelStackStepper:
             floats = self.lib.stack_workspace_floats(self.plan_ref, batch_size)
             if floats < 0:
                 raise ValueError(f"the C stack step cannot run this model at batch {batch_size}")
-            self.work = torch.empty(floats)  # float32 scratch, 64-byte aligned (its float64 sums come first)
+            # float32 scratch, 64-byte aligned (its float64 sums come first)
+            self.work = torch.empty(floats, dtype=torch.float32)
             self.batch_size = batch_size
 
     def _check_tensors(self) -> None:
@@ -331,11 +332,12 @@ class KernelStackStepper:
             if not is_cpu_float32(t):
                 raise RuntimeError(f"the model's {key} is no longer contiguous float32 on the CPU")
 
-    def _ids(self, X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
-        """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size."""
+    def _ids(self, X: Tensor, Y: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
+        """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size:
+        Y (B,) for a step, (S, B) for a chunk of steps (the batch size the workspace is made for)."""
         if X.dtype != torch.int64 or Y.dtype != torch.int64:
             raise TypeError(f"the C step takes int64 ids, not {X.dtype} and {Y.dtype}")
-        if X.shape != (*Y.shape, self.plan.T) or Y.ndim not in (1, 2) or Y.shape[-1] < 1:
+        if Y.ndim != batch_dims or Y.shape[-1] < 1 or X.shape != (*Y.shape, self.plan.T):
             raise ValueError(f"contexts {tuple(X.shape)} do not fit targets {tuple(Y.shape)} "
                              f"and block size {self.plan.T}")
         self._workspace(Y.shape[-1])

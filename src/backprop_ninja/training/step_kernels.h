@@ -1,8 +1,8 @@
 /*
- * The parts both C steps share (mlp_step.c, the lecture MLP; stack_step.c, a stack of layers):
- * CPU-specific copies of the hot functions (ops/cpu_clones.h's CLONED), a register-blocked matrix
- * product, and tanh and exp in float64. Every function is static inline: each step's library gets
- * its own copy.
+ * The parts the C steps share (mlp_step.c, the lecture MLP; stack_step.c, a stack of layers;
+ * ops/sequence_kernels.c, the models of whole words): CPU-specific copies of the hot functions
+ * (ops/cpu_clones.h's CLONED), a register-blocked matrix product, and tanh and exp in float64.
+ * Every function is static inline: each library gets its own copy.
  *
  * Every matrix is row-major float32, as torch stores a contiguous tensor.
  */
