@@ -45,19 +45,6 @@ int sequence_kernels_abi(void) { return 1; }
 #define WIDE_COLUMNS W
 #endif
 
-/* out (+)= A @ Bm over Kd terms (matmul's strides), in matmul's passes of KC terms; where
-   `accumulate` the first pass goes on from the sums already in out. */
-static inline __attribute__((always_inline)) void product(int64_t M, int64_t N, int64_t Kd, const float *A,
-                                                          int64_t a_row, int64_t a_col, const float *restrict Bm,
-                                                          int64_t ldb, float *restrict out, int64_t ldo,
-                                                          float *restrict panel, int accumulate) {
-    for (int64_t k0 = 0; k0 < Kd; k0 += KC) {
-        const int64_t terms = Kd - k0 < KC ? Kd - k0 : KC;
-        matmul_pass(M, N, terms, A + k0 * a_col, a_row, a_col, Bm + k0 * ldb, ldb, out, ldo, panel,
-                    accumulate || k0 > 0);
-    }
-}
-
 /* sigmoid(x) = 1 / (1 + exp(-x)) in float64; |x| is clamped at 700, where exp64 holds and both
    ends already round to 0 and 1 in float32. */
 static inline float sigmoid32(float x32) {
@@ -119,7 +106,7 @@ static inline __attribute__((always_inline)) void rnn_steps(int64_t B, int64_t T
         /* h_t = tanh(xh @ W + b), xh = torch.cat([x_t, h_{t-1}], 1): the h_{t-1} terms of the sum */
         const float *h_prev = t == 0 ? h0 : out + (t - 1) * H;
         const int64_t prev_row = t == 0 ? (h0_rows == 1 ? 0 : H) : TH;  /* 0: one row for the batch */
-        product(B, H, H, h_prev, prev_row, 1, w + E * H, H, out + t * H, TH, panel, 1);
+        matmul_into(B, H, H, h_prev, prev_row, 1, w + E * H, H, out + t * H, TH, panel, 1);
         for (int64_t r = 0; r < B; r++) {
             float *h = out + r * TH + t * H;  /* (H,) */
             for (int64_t j = 0; j < H; j++) h[j] = tanh32(h[j] + b[j]);
@@ -137,7 +124,7 @@ CLONED void rnn_forward(int64_t B, int64_t T, int64_t E, int64_t H, int64_t h0_r
                         const float *restrict h0, const float *restrict w, const float *restrict b,
                         float *restrict out, float *restrict work) {
     /* xh @ W = x_t @ W[:E] + h_{t-1} @ W[E:]: the first part for every position at once */
-    product(B * T, H, E, x, E, 1, w, H, out, H, work, 0);
+    matmul_into(B * T, H, E, x, E, 1, w, H, out, H, work, 0);
     rnn_steps(B, T, E, H, h0_rows, h0, w, b, out, work);
 }
 
@@ -176,16 +163,16 @@ static inline __attribute__((always_inline)) void rnn_steps_backward(
         if (t > 0) {
             for (int64_t r = 0; r < B; r++)
                 memcpy(dh + r * TH + (t - 1) * H, dout + r * TH + (t - 1) * H, H * sizeof(float));
-            product(B, H, H, dpre + t * H, TH, 1, wT + E, EH, dh + (t - 1) * H, TH, panel, 1);
+            matmul_into(B, H, H, dpre + t * H, TH, 1, wT + E, EH, dh + (t - 1) * H, TH, panel, 1);
         }
     }
     /* In the forward pass this was: h_0 = tanh([x_0, h0] @ W + b): h0's gradient, through W[E:] */
-    product(B, H, H, dpre, TH, 1, wT + E, EH, start, H, panel, 0);
+    matmul_into(B, H, H, dpre, TH, 1, wT + E, EH, start, H, panel, 0);
     start_gradient(B, H, h0_rows, start, sums, dh0);
     /* 2. In the forward pass this was: pre = xh @ W + b at every position, xh = [x_t, h_{t-1}]:
        dW = xh.T @ dpre and db = dpre.sum(0) over all B*T positions; here the h_{t-1} rows of dW */
     previous_states(B, T, H, h0_rows, h0, out, h_prev);
-    product(H, H, B * T, h_prev, 1, H, dpre, H, dw + E * H, H, panel, 0);
+    matmul_into(H, H, B * T, h_prev, 1, H, dpre, H, dw + E * H, H, panel, 0);
     column_sums(B * T, H, dpre, H, sums, db);
 }
 
@@ -204,8 +191,8 @@ CLONED void rnn_backward(int64_t B, int64_t T, int64_t E, int64_t H, int64_t h0_
     float *wT = steps + 2 * H, *panel = dpre - PANEL;  /* W transposed and the panel, left by rnn_steps_backward */
     rnn_steps_backward(B, T, E, H, h0_rows, h0, w, out, dout, dpre, dh0, dw, db, dh, steps);
     /* the x_t rows: dW[:E] = x.T @ dpre, and dx = dpre @ W[:E].T */
-    product(E, H, B * T, x, 1, E, dpre, H, dw, H, panel, 0);
-    product(B * T, E, H, dpre, H, 1, wT, E + H, dx, E, panel, 0);
+    matmul_into(E, H, B * T, x, 1, E, dpre, H, dw, H, panel, 0);
+    matmul_into(B * T, E, H, dpre, H, 1, wT, E + H, dx, E, panel, 0);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -248,7 +235,7 @@ static inline __attribute__((always_inline)) void gru_steps(
         const float *h_prev = t == 0 ? h0 : out + (t - 1) * H;
         const int64_t prev_row = t == 0 ? (h0_rows == 1 ? 0 : H) : TH;
         /* r = sigmoid(xh @ W_r + b_r), z = sigmoid(xh @ W_z + b_z): their h_{t-1} terms */
-        product(B, 2 * H, H, h_prev, prev_row, 1, w_h, 2 * H, gates + t * H3, TH3, panel, 1);
+        matmul_into(B, 2 * H, H, h_prev, prev_row, 1, w_h, 2 * H, gates + t * H3, TH3, panel, 1);
         for (int64_t r = 0; r < B; r++) {
             float *g = gates + r * TH3 + t * H3;          /* (3H,) r | z | hbar of position (r, t) */
             const float *hp = h_prev + r * prev_row;     /* (H,) */
@@ -260,7 +247,7 @@ static inline __attribute__((always_inline)) void gru_steps(
             }
         }
         /* hbar = tanh(xhr @ W_hbar + b_hbar), xhr = torch.cat([x, h_reset], 1): its h_reset terms */
-        product(B, H, H, reset + t * H, TH, 1, w_hbar + E * H, H, gates + t * H3 + 2 * H, TH3, panel, 1);
+        matmul_into(B, H, H, reset + t * H, TH, 1, w_hbar + E * H, H, gates + t * H3 + 2 * H, TH3, panel, 1);
         for (int64_t r = 0; r < B; r++) {
             float *g = gates + r * TH3 + t * H3;
             const float *hp = h_prev + r * prev_row;
@@ -289,7 +276,7 @@ CLONED void gru_forward(int64_t B, int64_t T, int64_t E, int64_t H, int64_t h0_r
     float *w_x = work, *steps = w_x + E * 3 * H;  /* (E, 3H); gru_steps' */
     gru_pack_x_rows(E, H, w_r, w_hbar, w_z, w_x);
     /* the x_t terms of all three Linears' sums, for every position at once */
-    product(B * T, 3 * H, E, x, E, 1, w_x, 3 * H, gates, 3 * H, steps + 2 * H * H, 0);
+    matmul_into(B * T, 3 * H, E, x, E, 1, w_x, 3 * H, gates, 3 * H, steps + 2 * H * H, 0);
     gru_steps(B, T, E, H, h0_rows, h0, w_r, b_r, w_hbar, b_hbar, w_z, b_z, out, gates, reset, steps);
 }
 
@@ -341,7 +328,7 @@ static inline __attribute__((always_inline)) void gru_steps_backward(
             }
         }
         /* In the forward pass this was: xhr = torch.cat([x, h_reset], 1), read by W_hbar's rows E: */
-        product(B, H, H, dgates + t * H3 + 2 * H, TH3, 1, w_hbar_hT, H, dreset, H, panel, 0);
+        matmul_into(B, H, H, dgates + t * H3 + 2 * H, TH3, 1, w_hbar_hT, H, dreset, H, panel, 0);
         float *carried = t > 0 ? dh + (t - 1) * H : start;  /* dL/dh_{t-1}, or what reaches h0 */
         const int64_t carried_row = t > 0 ? TH : H;
         for (int64_t r = 0; r < B; r++) {
@@ -356,16 +343,17 @@ static inline __attribute__((always_inline)) void gru_steps_backward(
                 c[j] = (t > 0 ? douts[j] : 0.0f) + d[j] * (1.0f - z) + dres[j] * rj;
             }
         }
-        /* terms 3 and 4: through xh into r and z */
-        product(B, H, 2 * H, dgates + t * H3, TH3, 1, w_rz_hT, H, carried, carried_row, panel, 1);
+        /* terms 3 and 4: through xh into r and z. In the forward pass this was:
+           r = sigmoid(xh @ W_r + b_r), z = sigmoid(xh @ W_z + b_z), xh = [x_t, h_{t-1}] */
+        matmul_into(B, H, 2 * H, dgates + t * H3, TH3, 1, w_rz_hT, H, carried, carried_row, panel, 1);
     }
     start_gradient(B, H, h0_rows, start, sums, dh0);
     /* 2. the step backward over all B*T positions (gru_backward's part 2): each Linear's
        dW = its input.T @ dpre, db = dpre.sum(0); here the rows after E: h_prev for r and z, h_reset for hbar */
     previous_states(B, T, H, h0_rows, h0, out, h_prev);
-    product(H, H, B * T, h_prev, 1, H, dgates, H3, dw_r + E * H, H, panel, 0);
-    product(H, H, B * T, h_prev, 1, H, dgates + H, H3, dw_z + E * H, H, panel, 0);
-    product(H, H, B * T, reset, 1, H, dgates + 2 * H, H3, dw_hbar + E * H, H, panel, 0);
+    matmul_into(H, H, B * T, h_prev, 1, H, dgates, H3, dw_r + E * H, H, panel, 0);
+    matmul_into(H, H, B * T, h_prev, 1, H, dgates + H, H3, dw_z + E * H, H, panel, 0);
+    matmul_into(H, H, B * T, reset, 1, H, dgates + 2 * H, H3, dw_hbar + E * H, H, panel, 0);
     column_sums(B * T, H, dgates, H3, sums, db_r);
     column_sums(B * T, H, dgates + H, H3, sums, db_z);
     column_sums(B * T, H, dgates + 2 * H, H3, sums, db_hbar);
@@ -402,12 +390,12 @@ CLONED void gru_backward(int64_t B, int64_t T, int64_t E, int64_t H, int64_t h0_
     gru_steps_backward(B, T, E, H, h0_rows, h0, w_r, w_hbar, w_z, out, gates, reset, dout, dgates, dh0, dw_r, db_r,
                        dw_hbar, db_hbar, dw_z, db_z, dh, steps);
     /* the x_t rows: x is in xh (read by r and z) and in xhr (read by hbar) */
-    product(E, H, B * T, x, 1, E, dgates, H3, dw_r, H, panel, 0);
-    product(E, H, B * T, x, 1, E, dgates + H, H3, dw_z, H, panel, 0);
-    product(E, H, B * T, x, 1, E, dgates + 2 * H, H3, dw_hbar, H, panel, 0);
+    matmul_into(E, H, B * T, x, 1, E, dgates, H3, dw_r, H, panel, 0);
+    matmul_into(E, H, B * T, x, 1, E, dgates + H, H3, dw_z, H, panel, 0);
+    matmul_into(E, H, B * T, x, 1, E, dgates + 2 * H, H3, dw_hbar, H, panel, 0);
     /* dx = dr_pre @ W_r[:E].T + dz_pre @ W_z[:E].T + dhbar_pre @ W_hbar[:E].T */
     gru_transpose_x_rows(E, H, w_r, w_hbar, w_z, w_xT);
-    product(B * T, E, H3, dgates, H3, 1, w_xT, E, dx, E, panel, 0);
+    matmul_into(B * T, E, H3, dgates, H3, 1, w_xT, E, dx, E, panel, 0);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -606,18 +594,18 @@ static inline __attribute__((always_inline)) double head(int64_t R, int64_t F, i
         memcpy(w_out + k * Vp, W_out + k * V, V * sizeof(float));
         memset(w_out + k * Vp + V, 0, (Vp - V) * sizeof(float));
     }
-    product(R, Vp, F, in, F, 1, w_out, Vp, logits, Vp, panel, 0);
+    matmul_into(R, Vp, F, in, F, 1, w_out, Vp, logits, Vp, panel, 0);
     for (int64_t i = 0; i < R; i++)
         for (int64_t j = 0; j < V; j++) logits[i * Vp + j] += b_out[j];
     const double loss = softmax_loss(R, V, Vp, logits, Y, n, sums + V);
     for (int64_t i = 0; i < R; i++) memset(logits + i * Vp + V, 0, (Vp - V) * sizeof(float));
     /* logits = in @ W_out + b_out: dW_out = in.T @ dlogits, db_out = dlogits.sum(0), d_in = dlogits @ W_out.T */
-    product(F, Vp, R, in, 1, F, logits, Vp, w_out, Vp, panel, 0);  /* w_out is free: (F, Vp) dW_out */
+    matmul_into(F, Vp, R, in, 1, F, logits, Vp, w_out, Vp, panel, 0);  /* w_out is free: (F, Vp) dW_out */
     for (int64_t k = 0; k < F; k++) memcpy(dW_out + k * V, w_out + k * Vp, V * sizeof(float));
     column_sums(R, V, logits, Vp, sums, db_out);
     transpose(F, V, W_out, w_outT);
     memset(w_outT + V * F, 0, (Vp - V) * F * sizeof(float));
-    product(R, F, Vp, logits, Vp, 1, w_outT, F, d_in, F, panel, 0);
+    matmul_into(R, F, Vp, logits, Vp, 1, w_outT, F, d_in, F, panel, 0);
     return loss;
 }
 
@@ -626,17 +614,17 @@ static inline __attribute__((always_inline)) double head(int64_t R, int64_t F, i
    where torch's kernels round (measured on torch 2.13's AVX-512 kernels): lerp and addcmul fuse
    their last multiply-add, the rest round every operation. */
 typedef struct {
-    float decay, one_minus_beta1, beta2, one_minus_beta2, root_bias2, eps, step;
+    float decay, one_minus_beta1, beta2, one_minus_beta2, root_bias2, eps, minus_lr_over_bias1;
 } AdamW;
 
 /* x is rounded here: gcc may not fuse the product that made it into a later sum (it fuses across
    statements, -ffp-contract=fast), where torch rounds the product, then adds in another call. */
 #define ROUNDED(x) __asm__("" : "+x"(x))
 
-static inline __attribute__((always_inline)) void adamw_rows(int64_t from, int64_t n, float *restrict p,
+static inline __attribute__((always_inline)) void adamw_rows(int64_t from, int64_t end, float *restrict p,
                                                              float *restrict m, float *restrict v,
                                                              const float *restrict g, AdamW a) {
-    for (int64_t i = from; i < n; i++) {
+    for (int64_t i = from; i < end; i++) {
         float pi = p[i] * a.decay;                                  /* p *= 1 - lr * weight_decay */
         ROUNDED(pi);
         const float mi = m[i] + a.one_minus_beta1 * (g[i] - m[i]);  /* m = lerp(m, g, 1 - beta1) */
@@ -644,7 +632,7 @@ static inline __attribute__((always_inline)) void adamw_rows(int64_t from, int64
         ROUNDED(vi);
         vi = vi + a.one_minus_beta2 * g[i] * g[i];
         const float denominator = sqrtf(vi) / a.root_bias2 + a.eps;  /* sqrt(v) / sqrt(1 - beta2**t) + eps */
-        pi = pi + a.step * mi / denominator;                        /* p -= lr / (1 - beta1**t) * m / denominator */
+        pi = pi + a.minus_lr_over_bias1 * mi / denominator;         /* p -= lr / (1 - beta1**t) * m / denominator */
         p[i] = pi, m[i] = mi, v[i] = vi;
     }
 }
@@ -667,7 +655,7 @@ __attribute__((target("arch=x86-64-v3"), noinline)) static void adamw_avx2(int64
         ROUNDED(vi);
         vi = vi + a.one_minus_beta2 * gi * gi;
         const vec denominator = (vec)_mm256_sqrt_ps((__m256)vi) / a.root_bias2 + a.eps;
-        pi = pi + a.step * mi / denominator;
+        pi = pi + a.minus_lr_over_bias1 * mi / denominator;
         memcpy(p + i, &pi, sizeof pi), memcpy(m + i, &mi, sizeof mi), memcpy(v + i, &vi, sizeof vi);
     }
     adamw_rows(i, n, p, m, v, g, a);
@@ -721,7 +709,8 @@ CLONED float sequence_step(const Sequence *s, const int64_t *restrict X, const i
     } else if (K == SEQUENCE_BOW) {
         const float *C = prm[0].p, *P = prm[1].p, *W_fc = prm[2].p, *b_fc = prm[3].p, *W_proj = prm[4].p;
         const float *b_proj = prm[5].p;
-        float *x = pre, *y = reset, *a = cell, *z = out, *du = dpre, *dy = dh;  /* (B*T, E) or (B*T, H) each */
+        float *x = pre, *y = reset, *z = out, *dy = dh;  /* (B*T, E) each: x, y = x + att @ x, z = y + mlp(y), dL/dy */
+        float *a = cell, *du = dpre;  /* (B*T, H) each: a = tanh(y @ W_fc + b_fc); dL/d(y @ W_fc + b_fc) */
         /* x = C[X] + P[:T]: the token's embedding and its position's */
         for (int64_t i = 0; i < BT; i++)
             for (int64_t e = 0; e < E; e++) x[i * E + e] = C[X[i] * E + e] + P[(i % T) * E + e];
@@ -741,30 +730,31 @@ CLONED float sequence_step(const Sequence *s, const int64_t *restrict X, const i
             }
         }
         /* z = y + (tanh(y @ W_fc + b_fc) @ W_proj + b_proj): the MLP, a residual */
-        product(BT, H, E, y, E, 1, W_fc, H, a, H, panel, 0);
+        matmul_into(BT, H, E, y, E, 1, W_fc, H, a, H, panel, 0);
         for (int64_t i = 0; i < BT; i++)
             for (int64_t j = 0; j < H; j++) a[i * H + j] = tanh32(a[i * H + j] + b_fc[j]);
-        product(BT, E, H, a, H, 1, W_proj, E, z, E, panel, 0);
+        matmul_into(BT, E, H, a, H, 1, W_proj, E, z, E, panel, 0);
         for (int64_t i = 0; i < BT; i++)
             for (int64_t e = 0; e < E; e++) z[i * E + e] = y[i * E + e] + (z[i * E + e] + b_proj[e]);
         loss = head(BT, E, V, z, prm[6].p, prm[7].p, Y, n, logits, w_out, w_outT, dh_out, grad[6], grad[7], sums,
                     panel);
         /* the MLP: dW_proj = a.T @ dz, db_proj, da = dz @ W_proj.T, du = (1 - a**2) * da,
            dW_fc = y.T @ du, db_fc, and dy = dz + du @ W_fc.T (the residual's two paths) */
-        product(H, E, BT, a, 1, H, dh_out, E, grad[4], E, panel, 0);
+        matmul_into(H, E, BT, a, 1, H, dh_out, E, grad[4], E, panel, 0);
         column_sums(BT, E, dh_out, E, sums, grad[5]);
         transpose(H, E, W_proj, w_xT);  /* (E, H) */
-        product(BT, H, E, dh_out, E, 1, w_xT, H, du, H, panel, 0);
+        matmul_into(BT, H, E, dh_out, E, 1, w_xT, H, du, H, panel, 0);
         for (int64_t i = 0; i < BT * H; i++) du[i] = __builtin_fmaf(-a[i], a[i], 1.0f) * du[i];
-        product(E, H, BT, y, 1, E, du, H, grad[2], H, panel, 0);
+        matmul_into(E, H, BT, y, 1, E, du, H, grad[2], H, panel, 0);
         column_sums(BT, H, du, H, sums, grad[3]);
         transpose(E, H, W_fc, w_xT);  /* (H, E) */
         memcpy(dy, dh_out, BT * E * sizeof(float));
-        product(BT, E, H, du, H, 1, w_xT, E, dy, E, panel, 1);
+        matmul_into(BT, E, H, du, H, 1, w_xT, E, dy, E, panel, 1);
         /* y = x + att @ x: dx = dy + att.T @ dy, dx[s] = dy[s] + sum over q >= s of dy[q] / (q+1), a running
            sum from the last position back; into x */
         for (int64_t b = 0; b < B; b++) {
-            float *running = dh_out;  /* (E,) sum over the positions after this one of dy[q] / (q+1); dz is no longer needed */
+            /* (E,) sum over the positions after this one of dy[q] / (q+1); dz (in dh_out) is no longer needed */
+            float *running = dh_out;
             memset(running, 0, E * sizeof(float));
             for (int64_t q = T - 1; q >= 0; q--) {
                 const float weight = 1.0f / (float)(q + 1), *dyq = dy + (b * T + q) * E;
@@ -787,7 +777,7 @@ CLONED float sequence_step(const Sequence *s, const int64_t *restrict X, const i
             gru_pack_x_rows(E, H, prm[2].p, prm[4].p, prm[6].p, w_x);
         else
             memcpy(w_x, prm[2].p, E * H * sizeof(float));
-        product(V, kH, E, C, E, 1, w_x, kH, table, kH, panel, 0);
+        matmul_into(V, kH, E, C, E, 1, w_x, kH, table, kH, panel, 0);
         for (int64_t i = 0; i < BT; i++) memcpy(pre + i * kH, table + X[i] * kH, kH * sizeof(float));
         if (K == SEQUENCE_GRU) {
             gru_steps(B, T, E, H, 1, start, prm[2].p, prm[3].p, prm[4].p, prm[5].p, prm[6].p, prm[7].p, out, pre,
@@ -810,12 +800,12 @@ CLONED float sequence_step(const Sequence *s, const int64_t *restrict X, const i
            dC = one_hot(X).T @ dx = one_hot(X).T @ dpre @ W[:E].T = S @ W[:E].T */
         const int64_t x_weights[3] = {2, 6, 4};  /* S's columns: the rnn's W; the gru's r, z, hbar: W_r, W_z, W_hbar */
         for (int64_t c = 0; c < kH / H; c++)
-            product(E, H, V, C, 1, E, table + c * H, kH, grad[x_weights[c]], H, panel, 0);
+            matmul_into(E, H, V, C, 1, E, table + c * H, kH, grad[x_weights[c]], H, panel, 0);
         if (K == SEQUENCE_GRU)
             gru_transpose_x_rows(E, H, prm[2].p, prm[4].p, prm[6].p, w_xT);
         else
             transpose(E, H, prm[2].p, w_xT);
-        product(V, E, kH, table, kH, 1, w_xT, E, grad[0], E, panel, 0);
+        matmul_into(V, E, kH, table, kH, 1, w_xT, E, grad[0], E, panel, 0);
     }
 
     /* AdamW (optim/adamw.py), once every gradient is made: the scalars in float64, as Python computes them */

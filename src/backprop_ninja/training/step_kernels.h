@@ -128,13 +128,21 @@ static inline __attribute__((always_inline)) void matmul_pass(int64_t M, int64_t
    the CPU has AVX-512), in passes of KC terms. Each out[m, j] is summed in the order of k with one
    multiply-add per term, whatever the blocks and passes: the same floats either way. The last,
    partial block of columns reads a zero-padded copy of its panel of Bm (KC x 2W floats of `panel`). */
+static inline __attribute__((always_inline)) void matmul_into(int64_t M, int64_t N, int64_t Kd, const float *A,
+                                                              int64_t a_row, int64_t a_col, const float *restrict Bm,
+                                                              int64_t ldb, float *restrict out, int64_t ldo,
+                                                              float *restrict panel, int accumulate) {
+    for (int64_t k0 = 0; k0 < Kd; k0 += KC) {
+        const int64_t terms = Kd - k0 < KC ? Kd - k0 : KC;
+        matmul_pass(M, N, terms, A + k0 * a_col, a_row, a_col, Bm + k0 * ldb, ldb, out, ldo, panel,
+                    accumulate || k0 > 0);
+    }
+}
+
 static inline __attribute__((always_inline)) void matmul(int64_t M, int64_t N, int64_t Kd, const float *A, int64_t a_row,
                                                          int64_t a_col, const float *restrict Bm, int64_t ldb,
                                                          float *restrict out, int64_t ldo, float *restrict panel) {
-    for (int64_t k0 = 0; k0 < Kd; k0 += KC) {
-        const int64_t terms = Kd - k0 < KC ? Kd - k0 : KC;
-        matmul_pass(M, N, terms, A + k0 * a_col, a_row, a_col, Bm + k0 * ldb, ldb, out, ldo, panel, k0 > 0);
-    }
+    matmul_into(M, N, Kd, A, a_row, a_col, Bm, ldb, out, ldo, panel, 0);
 }
 
 typedef int32_t ivec __attribute__((vector_size(W * sizeof(int32_t))));
