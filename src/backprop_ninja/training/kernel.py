@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from backprop_ninja.models import Model, is_lecture_mlp
-from backprop_ninja.native import FLOAT_P, is_cpu_float32, open_library, set_signatures
+from backprop_ninja.native import FLOAT_P, float_address, is_cpu_float32, open_library, set_signatures
+from backprop_ninja.training.c_stepper import CStepper
 
 LIBRARY_STEM = "_mlp_step"  # setup.py builds backprop_ninja/_mlp_step<extension suffix>
 ABI = 1  # mlp_step_abi(): a library built from another layout of `MLP` is not loaded
@@ -95,7 +96,7 @@ def mlp_tanh(x: Tensor) -> Tensor:
     return out
 
 
-class KernelMLPStepper:
+class KernelMLPStepper(CStepper):
     """Forward, hand-written backward and SGD update of the lecture MLP, in C, in place on the model.
 
     The plan holds the addresses of the model's tensors: they must stay the same tensors (every
@@ -103,28 +104,24 @@ class KernelMLPStepper:
     """
 
     name = "c"
-    threads = 1  # plain C loops on one thread
 
     def __init__(self, model: Model, batch_size: int) -> None:
         embedding, _, linear1, batchnorm, _, linear2 = model.net.layers
-        self.sources = {  # where each tensor of the plan lives in the model: (dict, key)
+        self._hold({  # where each tensor of the plan lives in the model: (dict, key)
             "C": (embedding.params, embedding.name),  # (V, E)
             "W1": (linear1.params, linear1.w_name), "b1": (linear1.params, linear1.b_name),  # (T*E, H), (H,)
             "gain": (batchnorm.params, batchnorm.gain_name), "bias": (batchnorm.params, batchnorm.bias_name),  # (1, H)
             "running_mean": (batchnorm.buffers, batchnorm.mean_name),  # (1, H)
             "running_var": (batchnorm.buffers, batchnorm.var_name),  # (1, H)
             "W2": (linear2.params, linear2.w_name), "b2": (linear2.params, linear2.b_name),  # (H, V), (V,)
-        }
-        self.tensors = {name: holder[key] for name, (holder, key) in self.sources.items()}  # keeps them alive
-        self.addresses = {name: t.data_ptr() for name, t in self.tensors.items()}
-        addresses = {name: ctypes.cast(ptr, FLOAT_P) for name, ptr in self.addresses.items()}
+        })
+        addresses = {name: float_address(t) for name, t in self.tensors.items()}
         config = model.config
         self.plan = MLPPlan(T=config.block_size, E=config.n_embd, H=config.n_hidden, V=config.vocab_size,
                             momentum=batchnorm.momentum, eps=batchnorm.eps, **addresses)
         self.plan_ref = ctypes.byref(self.plan)
         self.lib = load_library()
-        self.batch_size = batch_size
-        self.work = torch.empty(self.lib.mlp_workspace_floats(self.plan_ref, batch_size), dtype=torch.float32)
+        self._workspace(batch_size)
 
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
         """One SGD step on the batch (Xb (B, T) int64, Yb (B,) int64); returns the loss (0-d)."""
@@ -150,15 +147,8 @@ class KernelMLPStepper:
                            self.work.data_ptr())
         return losses
 
-    def _check_tensors(self) -> None:
-        """The C code writes through the plan's addresses: they must still be the model's own tensors,
-        float32, contiguous, on the CPU, where the plan was made (a replaced tensor would not be updated)."""
-        for name, (holder, key) in self.sources.items():
-            t = holder[key]
-            if t is not self.tensors[name] or t.data_ptr() != self.addresses[name]:
-                raise RuntimeError(f"the model's {key} was replaced after the C step was built; build a new stepper")
-            if not is_cpu_float32(t):
-                raise RuntimeError(f"the model's {key} is no longer contiguous float32 on the CPU")
+    def _workspace_floats(self, batch_size: int) -> int:
+        return self.lib.mlp_workspace_floats(self.plan_ref, batch_size)
 
     def _ids(self, X: Tensor, Y: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
         """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size:
@@ -168,8 +158,5 @@ class KernelMLPStepper:
         if Y.ndim != batch_dims or Y.shape[-1] < 1 or X.shape != (*Y.shape, self.plan.T):
             raise ValueError(f"contexts {tuple(X.shape)} do not fit targets {tuple(Y.shape)} "
                              f"and block size {self.plan.T}")
-        B = Y.shape[-1]
-        if B != self.batch_size:
-            self.batch_size = B
-            self.work = torch.empty(self.lib.mlp_workspace_floats(self.plan_ref, B), dtype=torch.float32)
+        self._workspace(Y.shape[-1])
         return X.contiguous(), Y.contiguous()  # no copy for the slices train passes

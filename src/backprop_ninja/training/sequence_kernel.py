@@ -31,10 +31,11 @@ from torch import Tensor
 from backprop_ninja.conventions import IGNORE_INDEX
 from backprop_ninja.models import Model
 from backprop_ninja.models.base import SequenceModel
-from backprop_ninja.native import FLOAT_P, float_address, is_cpu_float32, set_signatures
+from backprop_ninja.native import FLOAT_P, float_address, set_signatures
 from backprop_ninja.nn import GRU, RNN, CausalBoW, Embedding, Linear, PositionEmbedding, Residual, Sequential, Tanh
 from backprop_ninja.ops import native_recurrent
 from backprop_ninja.optim import AdamW
+from backprop_ninja.training.c_stepper import CStepper
 from backprop_ninja.training.kernel import holds_cpu_float32
 
 RNN_KIND, GRU_KIND, BIGRAM_KIND, BOW_KIND = 0, 1, 2, 3  # sequence_kernels.c's SEQUENCE_RNN, _GRU, _BIGRAM, _BOW
@@ -176,7 +177,7 @@ def make_sequence_stepper(model: Model, optimizer, batch_size: int) -> "KernelSe
     return KernelSequenceStepper(model, optimizer, batch_size)
 
 
-class KernelSequenceStepper:
+class KernelSequenceStepper(CStepper):
     """Forward, hand-written backward and AdamW update of a model of whole words, in C, in place.
 
     The plan holds the addresses of the model's parameters and of the optimizer's moments: they
@@ -185,14 +186,15 @@ class KernelSequenceStepper:
     """
 
     name = "c-sequence"
-    threads = 1  # plain C loops on one thread
+    what = "C sequence step"
+    replaced = "{key} or its AdamW moments were"
+    changed = "{key} or its moments are"
 
     def __init__(self, model: Model, optimizer: AdamW, batch_size: int) -> None:
         parts = sequence_parts(model)
         assert not isinstance(parts, str), parts
         self.optimizer = optimizer
-        self.sources = {key: (holder, key) for holder, key in parts.holders}  # name -> (dict, key)
-        self.tensors = {name: holder[key] for name, (holder, key) in self.sources.items()}  # keeps them alive
+        self._hold({key: (holder, key) for holder, key in parts.holders})  # name -> (dict, key)
         self.moments = {name: (optimizer.m[name], optimizer.v[name]) for name in self.tensors}
         self.plan = SequencePlan(kind=parts.kind, T=model.config.block_size, E=parts.E, H=parts.H, V=parts.V,
                                  beta1=optimizer.betas[0], beta2=optimizer.betas[1], eps=optimizer.eps,
@@ -200,12 +202,8 @@ class KernelSequenceStepper:
         for slot, (name, p) in zip(self.plan.params, self.tensors.items()):
             m, v = self.moments[name]
             slot.p, slot.m, slot.v, slot.n = float_address(p), float_address(m), float_address(v), p.numel()
-        self.addresses = {name: (p.data_ptr(), *(t.data_ptr() for t in self.moments[name]))
-                          for name, p in self.tensors.items()}
         self.plan_ref = ctypes.byref(self.plan)
         self.lib = load_library()
-        self.batch_size = 0
-        self.work = torch.empty(0, dtype=torch.float32)
         self._workspace(batch_size)
 
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
@@ -246,25 +244,12 @@ class KernelSequenceStepper:
                 slot.grad = None
         return loss, grads
 
-    def _workspace(self, batch_size: int) -> None:
-        if batch_size != self.batch_size:
-            floats = self.lib.sequence_workspace_floats(self.plan_ref, batch_size)
-            if floats < 0:
-                raise ValueError(f"the C sequence step cannot run this model at batch {batch_size}")
-            # float32 scratch, 64-byte aligned (its float64 sums come first)
-            self.work = torch.empty(floats, dtype=torch.float32)
-            self.batch_size = batch_size
+    def _workspace_floats(self, batch_size: int) -> int:
+        return self.lib.sequence_workspace_floats(self.plan_ref, batch_size)
 
-    def _check_tensors(self) -> None:
-        """The C code writes through the plan's addresses: they must still be the model's parameters
-        and the optimizer's moments, float32, contiguous, on the CPU, where the plan was made."""
-        for name, (holder, key) in self.sources.items():
-            p, (m, v) = holder[key], (self.optimizer.m[name], self.optimizer.v[name])
-            if p is not self.tensors[name] or (p.data_ptr(), m.data_ptr(), v.data_ptr()) != self.addresses[name]:
-                raise RuntimeError(f"the model's {key} or its AdamW moments were replaced after the C step was built; "
-                                   "build a new stepper")
-            if not all(map(is_cpu_float32, (p, m, v))):
-                raise RuntimeError(f"the model's {key} or its moments are no longer contiguous float32 on the CPU")
+    def _current(self, name: str) -> tuple[Tensor, ...]:
+        holder, key = self.sources[name]
+        return holder[key], self.optimizer.m[name], self.optimizer.v[name]  # the plan holds all three
 
     def _ids(self, X: Tensor, Y: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
         """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size:

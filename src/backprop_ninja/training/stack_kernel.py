@@ -32,8 +32,9 @@ from torch import Tensor
 
 from backprop_ninja.data import distinct_contexts
 from backprop_ninja.models import Model
-from backprop_ninja.native import FLOAT_P, float_address, is_cpu_float32, open_library, set_signatures
+from backprop_ninja.native import FLOAT_P, float_address, open_library, set_signatures
 from backprop_ninja.nn import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
+from backprop_ninja.training.c_stepper import CStepper
 from backprop_ninja.training.kernel import holds_cpu_float32
 
 LIBRARY_STEM = "_stack_step"  # setup.py builds backprop_ninja/training/_stack_step<extension suffix>
@@ -199,7 +200,7 @@ def _eval_stepper(model: Model) -> "KernelStackStepper | None":
     return make_stack_stepper(model, EVAL_ROWS) if stack_kernel_is_fast() else None
 
 
-class KernelStackStepper:
+class KernelStackStepper(CStepper):
     """Forward, hand-written backward and SGD update of a layer stack, in C, in place on the model.
 
     The plan holds the addresses of the model's tensors: they must stay the same tensors (every
@@ -207,14 +208,14 @@ class KernelStackStepper:
     """
 
     name = "c-stack"
-    threads = 1  # plain C loops on one thread
+    what = "C stack step"
 
     def __init__(self, model: Model, batch_size: int) -> None:
         stack = layer_stack(model)
         assert not isinstance(stack, str), stack
         embedding, blocks = stack
         # where each tensor of the plan lives in the model: name -> (dict, key)
-        self.sources: dict[str, tuple[dict, str]] = {embedding.name: (embedding.params, embedding.name)}
+        sources: dict[str, tuple[dict, str]] = {embedding.name: (embedding.params, embedding.name)}
         table = embedding.params[embedding.name]  # (V, E)
         self.plan = StackPlan(T=model.config.block_size, E=table.shape[1], V=table.shape[0], L=len(blocks),
                               C=float_address(table))
@@ -226,10 +227,10 @@ class KernelStackStepper:
             layer.P, layer.I, layer.N = positions, weight.shape[0], weight.shape[1]
             layer.tanh = int(tanh)
             layer.weight, layer.b = float_address(weight), float_address(bias)
-            self.sources[linear.w_name] = (linear.params, linear.w_name)
+            sources[linear.w_name] = (linear.params, linear.w_name)
             self.param_names[linear.w_name] = ("dweight", i)
             if bias is not None:
-                self.sources[linear.b_name] = (linear.params, linear.b_name)
+                sources[linear.b_name] = (linear.params, linear.b_name)
                 self.param_names[linear.b_name] = ("db", i)
             if batchnorm is not None:
                 layer.batchnorm = 1
@@ -239,15 +240,12 @@ class KernelStackStepper:
                                            ("running_mean", batchnorm.buffers, batchnorm.mean_name),
                                            ("running_var", batchnorm.buffers, batchnorm.var_name)):
                     setattr(layer, field, float_address(holder[key]))
-                    self.sources[key] = (holder, key)
+                    sources[key] = (holder, key)
                 self.param_names[batchnorm.gain_name] = ("dgain", i)
                 self.param_names[batchnorm.bias_name] = ("dbias", i)
-        self.tensors = {name: holder[key] for name, (holder, key) in self.sources.items()}  # keeps them alive
-        self.addresses = {name: t.data_ptr() for name, t in self.tensors.items()}
+        self._hold(sources)
         self.plan_ref = ctypes.byref(self.plan)
         self.lib = load_library()
-        self.batch_size = 0
-        self.work = torch.empty(0, dtype=torch.float32)
         self._workspace(batch_size)
 
     def step(self, Xb: Tensor, Yb: Tensor, lr: float) -> Tensor:
@@ -313,24 +311,8 @@ class KernelStackStepper:
                 setattr(self.plan if i is None else self.plan.layers[i], "dC" if i is None else field, None)
         return loss, grads
 
-    def _workspace(self, batch_size: int) -> None:
-        if batch_size != self.batch_size:
-            floats = self.lib.stack_workspace_floats(self.plan_ref, batch_size)
-            if floats < 0:
-                raise ValueError(f"the C stack step cannot run this model at batch {batch_size}")
-            # float32 scratch, 64-byte aligned (its float64 sums come first)
-            self.work = torch.empty(floats, dtype=torch.float32)
-            self.batch_size = batch_size
-
-    def _check_tensors(self) -> None:
-        """The C code writes through the plan's addresses: they must still be the model's own tensors,
-        float32, contiguous, on the CPU, where the plan was made (a replaced tensor would not be updated)."""
-        for name, (holder, key) in self.sources.items():
-            t = holder[key]
-            if t is not self.tensors[name] or t.data_ptr() != self.addresses[name]:
-                raise RuntimeError(f"the model's {key} was replaced after the C step was built; build a new stepper")
-            if not is_cpu_float32(t):
-                raise RuntimeError(f"the model's {key} is no longer contiguous float32 on the CPU")
+    def _workspace_floats(self, batch_size: int) -> int:
+        return self.lib.stack_workspace_floats(self.plan_ref, batch_size)
 
     def _ids(self, X: Tensor, Y: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
         """X and Y as the C step reads them (contiguous int64), with a workspace for their batch size:
