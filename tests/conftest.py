@@ -1,8 +1,10 @@
-"""Shared fixtures: one thread, the names data set (found as the product finds it), small word lists."""
+"""Shared fixtures: one thread, the names data set (found as the product finds it), small word lists,
+a Ctrl-C in the middle of a training run."""
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,26 @@ def write_words(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def ctrl_c_after_step(monkeypatch):
+    """ctrl_c_after_step(30): the next `train` gets a SIGINT, as from Ctrl-C, during step 30 (from the
+    diagnostics' hook, which then runs every 10 steps); the handler stops the loop after the step.
+    monkeypatch.undo() takes it back."""
+    from backprop_ninja.training import run as training_run
+    from backprop_ninja.training.diagnostics import TrainingMonitor
+
+    def arm(at: int) -> None:
+        assert at % 10 == 0, "the diagnostics' hook runs every 10 steps here"
+
+        class CtrlC(TrainingMonitor):
+            def __call__(self, step, Xb, Yb, grads, lr):
+                if step == at:
+                    signal.raise_signal(signal.SIGINT)
+                return super().__call__(step, Xb, Yb, grads, lr)
+
+        monkeypatch.setattr(training_run, "DIAGNOSE_EVERY", 10)
+        monkeypatch.setattr(training_run, "TrainingMonitor", CtrlC)
+
+    return arm

@@ -64,24 +64,16 @@ def test_the_fast_exit_waits_for_a_live_thread():
     assert cli.fast_exit_is_safe()
 
 
-def test_adamw_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(write_words, tmp_path, monkeypatch):
+def test_adamw_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(write_words, tmp_path, monkeypatch,
+                                                                        ctrl_c_after_step):
     """The optimizer's moments and step count are in the checkpoint: resume continues AdamW exactly."""
-    from backprop_ninja.training import run as training_run
     from backprop_ninja.training.checkpoint import load
-    from backprop_ninja.training.diagnostics import TrainingMonitor
 
     words = write_words(WORDS)
     common = ["train", "--input", str(words), "--steps", "60", "--optimizer", "adamw", "--hidden", "8"]
     assert main([*common, "--out", str(tmp_path / "straight")]) == 0
 
-    class CtrlCAtStep30(TrainingMonitor):
-        def __call__(self, step, Xb, Yb, grads, lr):
-            if step == 30:
-                signal.raise_signal(signal.SIGINT)  # the handler asks the loop to stop after this step
-            return super().__call__(step, Xb, Yb, grads, lr)
-
-    monkeypatch.setattr(training_run, "DIAGNOSE_EVERY", 10)
-    monkeypatch.setattr(training_run, "TrainingMonitor", CtrlCAtStep30)
+    ctrl_c_after_step(30)
     assert main([*common, "--out", str(tmp_path / "resumed")]) == 130
     stopped = load(tmp_path / "resumed")
     assert stopped.info.step == 31 and int(stopped.optimizer_state["step"][0]) == 31

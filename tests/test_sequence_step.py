@@ -15,7 +15,6 @@ caught by both checks.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -348,22 +347,14 @@ def test_train_fast_and_eager_reach_the_same_model(data, tmp_path, name):
 
 
 @needs_kernels
-def test_the_c_step_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(data, tmp_path, monkeypatch):
+def test_the_c_step_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(data, tmp_path, monkeypatch,
+                                                                              ctrl_c_after_step):
     """AdamW's moments and step count, which the C step updates, are in the checkpoint: resume continues exactly."""
-    from backprop_ninja.training import run as training_run
-    from backprop_ninja.training.diagnostics import TrainingMonitor
 
     common = ["train", "--model", "gru", "--input", str(data[0]), "--steps", "60", "--embd", "6", "--hidden", "7"]
     assert main([*common, "--out", str(tmp_path / "straight")]) == 0
 
-    class CtrlCAtStep30(TrainingMonitor):
-        def __call__(self, step, Xb, Yb, grads, lr):
-            if step == 30:
-                signal.raise_signal(signal.SIGINT)  # the handler asks the loop to stop after this step
-            return super().__call__(step, Xb, Yb, grads, lr)
-
-    monkeypatch.setattr(training_run, "DIAGNOSE_EVERY", 10)
-    monkeypatch.setattr(training_run, "TrainingMonitor", CtrlCAtStep30)
+    ctrl_c_after_step(30)
     assert main([*common, "--out", str(tmp_path / "resumed")]) == 130
     monkeypatch.undo()
     assert main(["train", "--resume", "--out", str(tmp_path / "resumed")]) == 0
