@@ -2,7 +2,9 @@
 
 Each is an optional extension: where the install found no C compiler it is absent, and its
 callers use torch instead. A library carries an ABI number, so that one built from an older
-layout of its structures is not loaded (`pip install -e .`, or `make`, rebuilds it).
+layout of its structures is not loaded (`pip install -e .`, or `make`, rebuilds it). The helpers
+below are the ctypes side every caller shares: declaring the functions, a tensor's storage as a
+`float *`, and which tensors the C code may take.
 
     lib = open_library(Path(__file__).resolve().parent, "_stack_step", "stack_step_abi", ABI)
 """
@@ -29,7 +31,6 @@ def open_library(directory: Path, stem: str, abi_function: str, abi: int) -> cty
     lib = ctypes.CDLL(str(path))
     getattr(lib, abi_function).restype = ctypes.c_int
     return lib if getattr(lib, abi_function)() == abi else None
-
 
 
 FLOAT_P = ctypes.POINTER(ctypes.c_float)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
