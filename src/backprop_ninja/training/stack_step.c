@@ -385,8 +385,8 @@ CLONED int stack_calibrate(const Stack *s, const int64_t *restrict X, const int6
         total += counts[u];
     }
     const Layout w = layout(s, chunk);
-    double *mean = (double *)(void *)(work + w.sums), *squares = mean + w.max_N;  /* (N,) each; eval_forward
-                                                                                       leaves the sums alone */
+    /* (N,) each, in the workspace's float64 sums, which eval_forward leaves alone */
+    double *mean = (double *)(void *)(work + w.sums), *squares = mean + w.max_N;
     for (int64_t l = 0; l < s->L; l++) {
         const Layer *y = &s->layers[l];
         if (!y->batchnorm) continue;
