@@ -25,7 +25,7 @@ from backprop_ninja import ops
 from backprop_ninja.checking.verdict import gradient_scale, judge, judge_float64_truth, scale_floor
 from backprop_ninja.models import build_model
 from backprop_ninja.models.transformer import TransformerConfig
-from backprop_ninja.ops import fused_transformer, native_transformer
+from backprop_ninja.ops import dropout, fused_transformer, native_transformer
 from backprop_ninja.ops.native_transformer import HeadsCache
 
 needs_kernels = pytest.mark.skipif(not native_transformer.native_available(), reason="the C kernels are not built")
@@ -258,6 +258,43 @@ def small_inputs(dtype=F32):
     g = torch.Generator().manual_seed(40)
     x, qkv, dy = rand(3, 5, 6, g=g), rand(3, 5, 18, g=g), rand(3, 5, 6, g=g)
     return [t.to(dtype) for t in (x, qkv, dy, 1 + rand(6, g=g), rand(6, g=g))]
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout: the C kernel and the torch form draw the same counter-based masks
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1,), (7,), (32, 16, 64), (3, 5, 67)])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_c_dropout_draws_the_torch_forms_masks_bit_for_bit(shape, p):
+    g = torch.Generator().manual_seed(41)
+    for key in (0, 1, (1 << 64) - 1, dropout.dropout_key(7, 3)):
+        x = rand(*shape, g=g)
+        out, cache = native_transformer.dropout_forward(x, key, p)
+        ref_out, ref_cache = dropout.dropout_forward(x, key, p)
+        assert torch.equal(cache.mask, ref_cache.mask) and torch.equal(out, ref_out), key
+        assert torch.equal(out, x * cache.mask)
+
+
+def test_dropout_draws_splitmix64():
+    """u_0.. are the top 24 bits of SplitMix64's outputs from state `key`: from 0, its published first four."""
+    first_four = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F, 0xF88BB8A8724C81EC]
+    assert dropout.uniform_bits(0, 4).tolist() == [z >> 40 for z in first_four]
+    assert dropout.mix64(1 * dropout.GAMMA) == first_four[0]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_a_share_1_minus_p_and_one_calls_mask_says_nothing_of_the_next(p):
+    n = 1 << 20
+    sigma = math.sqrt(p * (1 - p) / n)
+    keys = [dropout.dropout_key(seed, call) for seed, call in ((7, 0), (7, 1), (8, 0))]
+    keeps = [dropout.dropout_forward(torch.ones(n), key, p)[1].mask > 0 for key in keys]  # (n,) bool each
+    for keep in keeps:
+        assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    agree = p * p + (1 - p) ** 2  # two independent masks agree on this share of the entries
+    for a, b in ((0, 1), (0, 2)):
+        assert abs((keeps[a] == keeps[b]).float().mean().item() - agree) < 5 * math.sqrt(agree * (1 - agree) / n)
 
 
 @pytest.mark.parametrize("case", ["float64", "strided", "no library"])

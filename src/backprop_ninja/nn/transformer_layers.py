@@ -3,7 +3,7 @@
     LayerNorm            each position's E features normalised on their own (ops.layernorm)
     GELU                 the tanh approximation (ops.gelu)
     CausalSelfAttention  the fused qkv (B, T, 3E) -> heads -> causal attention -> merged heads (B, T, E)
-    Dropout              inverted dropout from a seeded generator of its own; the identity in eval mode
+    Dropout              inverted dropout, counter-based masks from a seed of its own; the identity in eval mode
     Branch               a Sequential that keeps its layers' outputs and their gradients (for check rows)
     Block                the pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))
 
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from backprop_ninja.ops import native_transformer
+from backprop_ninja.ops.dropout import dropout_key
 from backprop_ninja.nn.containers import Residual, Sequential
 from backprop_ninja.nn.layers import Layer
 
@@ -100,9 +101,10 @@ class Dropout(Layer):
     """Inverted dropout: in training each entry is zeroed with probability p and the others scaled
     by 1/(1 - p), so that eval mode, the identity, sees the same expected activation. (..., H) -> (..., H).
 
-    The masks come from a generator of the layer's own, not the batches' one: forward call number c
-    is seeded from (seed, c), and both numbers are the buffer `<name>.rng`, (2,) int64, which a
-    checkpoint saves, so a resumed run draws the masks an uninterrupted one would have drawn.
+    The masks are the layer's own draws, not the batches' generator's: forward call number c draws
+    from the key of (seed, c) (ops.dropout: counter-based, the same masks in C and in torch, on any
+    device), and both numbers are the buffer `<name>.rng`, (2,) int64, which a checkpoint saves, so a
+    resumed run draws the masks an uninterrupted one would have drawn.
     With `replay` set, a forward pass reuses the last masks instead of drawing (and counting) new
     ones: the reference passes of `check --model` and --verify-every differentiate the very
     function the hand-written backward did (models.transformer.TransformerModel.replaying).
@@ -127,11 +129,10 @@ class Dropout(Layer):
             return x * self.mask.to(x.dtype)  # (..., H)
         rng = self.buffers[f"{self.name}.rng"]  # (2,)
         seed, calls = rng.tolist()
-        g = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + calls)
         rng[1] += 1
-        keep = torch.rand(x.shape, generator=g, device=x.device) >= self.p  # (..., H) bool
-        self.mask = keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))  # (..., H) 0 or 1/(1-p)
-        return x * self.mask  # (..., H)
+        out, cache = native_transformer.dropout_forward(x, dropout_key(seed, calls), self.p)  # (..., H)
+        self.mask = cache.mask  # (..., H) 0 or 1/(1-p)
+        return out
 
     def backward(self, dout: Tensor) -> Tensor:
         # In the forward pass this was: out = x * mask (x itself in eval mode)

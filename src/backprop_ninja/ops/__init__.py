@@ -40,6 +40,7 @@ from backprop_ninja.ops.attention import (
     causal_attention_backward, causal_attention_forward, causal_mask, merge_heads_backward, merge_heads_forward,
     softmax_backward, softmax_forward, split_heads_backward, split_heads_forward,
 )
+from backprop_ninja.ops.dropout import DropoutCache, dropout_backward, dropout_forward
 from backprop_ninja.ops.gelu import GELUCache, gelu_backward, gelu_forward
 from backprop_ninja.ops.layernorm import LAYERNORM_EPS, LayerNormCache, layernorm_backward, layernorm_forward
 from backprop_ninja.ops.sequence_loss import (
@@ -63,4 +64,5 @@ __all__ = [
     "causal_attention_forward", "causal_mask", "gelu_backward", "gelu_forward", "layernorm_backward",
     "layernorm_forward", "merge_heads_backward", "merge_heads_forward", "softmax_backward", "softmax_forward",
     "split_heads_backward", "split_heads_forward",
+    "DropoutCache", "dropout_backward", "dropout_forward",
 ]

@@ -1,7 +1,7 @@
 """The transformer's non-product ops in C (ops/transformer_kernels.c), with the torch forms as fallback.
 
 GELU, LayerNorm and the heads of causal self-attention, each forward and its hand-written backward
-one C function of one pass, called through ctypes on the tensors' own storage: the maths of
+one C function of one pass (and dropout's forward, its masks drawn in the same pass), called through ctypes on the tensors' own storage: the maths of
 ops.gelu, ops.layernorm and ops.attention term for term (the C file quotes their lines), in float32,
 where the torch forms (ops.fused_transformer) dispatch an op, and make a tensor, per line. The
 attention reads q, k, v straight from the qkv Linear's (B, T, 3E) output and writes y as (B, T, E)
@@ -21,6 +21,7 @@ the readable op through the verdict.
     dx = gelu_backward(dout, cache)
     y, cache = heads_forward(qkv, n_head)             # (B, T, 3E) -> (B, T, E)
     dqkv = heads_backward(dy, cache)                  # (B, T, E) -> (B, T, 3E)
+    out, cache = dropout_forward(x, key, p)           # (..., H); ops.dropout_backward(dout, cache)
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ from torch import Tensor
 
 from backprop_ninja import ops  # ops.layernorm_backward looked up at each call: the check tests replace it
 from backprop_ninja.native import computes_natively, open_library, set_signatures
-from backprop_ninja.ops import fused_transformer
+from backprop_ninja.ops import dropout, fused_transformer
 from backprop_ninja.ops.attention import CausalAttentionCache, MergeHeadsCache
+from backprop_ninja.ops.dropout import DropoutCache
 from backprop_ninja.ops.fused_transformer import AttentionCache
 from backprop_ninja.ops.gelu import GELU_BETA, GELU_KAPPA, GELUCache
 from backprop_ninja.ops.layernorm import LAYERNORM_EPS, LayerNormCache
 
 LIBRARY_STEM = "_transformer_kernels"  # setup.py builds backprop_ninja/ops/_transformer_kernels<suffix>
-ABI = 1  # transformer_kernels_abi(): a library built for other arguments is not loaded
+ABI = 2  # transformer_kernels_abi(): a library built for other arguments (or without dropout) is not loaded
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -66,6 +68,7 @@ def load_library() -> ctypes.CDLL | None:
         "layernorm_backward": ([_i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr], ctypes.c_int),
         "attention_forward": ([_i64, _i64, _i64, _i64, _ptr, _f32, _ptr, _ptr], ctypes.c_int),
         "attention_backward": ([_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr], ctypes.c_int),
+        "dropout_forward": ([_i64, _ptr, ctypes.c_uint64, ctypes.c_uint64, _f32, _ptr, _ptr], None),
     }
     return set_signatures(lib, signatures)
 
@@ -124,6 +127,21 @@ def layernorm_backward(dout: Tensor, cache: LayerNormCache) -> tuple[Tensor, Ten
     _checked(lib.layernorm_backward(dout.numel() // max(E, 1), E, dout.data_ptr(), xhat.data_ptr(), rstd.data_ptr(),
                                     weight.data_ptr(), dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr()))
     return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout: out = x * mask, mask = keep / (1 - p) from counter-based draws (ops.dropout)
+
+
+def dropout_forward(x: Tensor, key: int, p: float) -> tuple[Tensor, DropoutCache]:
+    """ops.dropout_forward in one pass, drawing the same masks: out, and the cache (the mask)."""
+    lib = _library_for(x)
+    if lib is None:
+        return dropout.dropout_forward(x, key, p)
+    out, mask = torch.empty_like(x), torch.empty_like(x)  # (..., H) each
+    lib.dropout_forward(x.numel(), x.data_ptr(), key, dropout.drop_threshold(p), 1.0 / (1.0 - p), out.data_ptr(),
+                        mask.data_ptr())
+    return out, DropoutCache(mask)
 
 
 # ---------------------------------------------------------------------------------------------
