@@ -429,7 +429,8 @@ def products(args) -> None:
 
     twin_seconds = median_time(twin_step, n=max(1, args.steps // 7))
     peak = peak_gflops()
-    print(f"the products of a step: {flops / 1e6:.0f} MFLOP in {seconds * 1e3:.2f} ms ({flops / seconds / 1e9:.1f} GFLOP/s)")
+    print(f"the products of a step: {flops / 1e6:.0f} MFLOP in {seconds * 1e3:.2f} ms "
+          f"({flops / seconds / 1e9:.1f} GFLOP/s)")
     print(f"the twin's whole step (forward, backward, AdamW): {twin_seconds * 1e3:.2f} ms")
     print(f"bound: a step with these products takes at least {seconds / twin_seconds:.3f}x the twin's")
     if peak is not None:

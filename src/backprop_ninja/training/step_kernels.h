@@ -127,7 +127,8 @@ static inline __attribute__((always_inline)) void matmul_pass(int64_t M, int64_t
    strides of A let it be read transposed), in blocks of 4 rows and 2W columns (4WIDE columns where
    the CPU has AVX-512), in passes of KC terms. Each out[m, j] is summed in the order of k with one
    multiply-add per term, whatever the blocks and passes: the same floats either way. The last,
-   partial block of columns reads a zero-padded copy of its panel of Bm (KC x 2W floats of `panel`). */
+   partial block of columns reads a zero-padded copy of its panel of Bm (KC x 2W floats of `panel`).
+   With `accumulate` the sums go on from the values already in out: out += A @ Bm. */
 static inline __attribute__((always_inline)) void matmul_into(int64_t M, int64_t N, int64_t Kd, const float *A,
                                                               int64_t a_row, int64_t a_col, const float *restrict Bm,
                                                               int64_t ldb, float *restrict out, int64_t ldo,
@@ -139,6 +140,7 @@ static inline __attribute__((always_inline)) void matmul_into(int64_t M, int64_t
     }
 }
 
+/* out = A @ Bm: matmul_into without accumulating */
 static inline __attribute__((always_inline)) void matmul(int64_t M, int64_t N, int64_t Kd, const float *A, int64_t a_row,
                                                          int64_t a_col, const float *restrict Bm, int64_t ldb,
                                                          float *restrict out, int64_t ldo, float *restrict panel) {
