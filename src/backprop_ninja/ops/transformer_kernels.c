@@ -462,32 +462,6 @@ static inline __attribute__((always_inline)) void any_head_backward(int64_t T, i
     }
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* dropout (ops.dropout): out = x * mask, mask = keep / (1 - p), keep_i = u_i >= p */
-
-/* SplitMix64's finalizer (Stafford's mix 13), as ops.dropout.mix64 */
-static inline uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* out (n,) and mask (n,) from x (n,): u_i = the top 24 bits of mix64(key + (i + 1) * GAMMA), SplitMix64
-   from the call's key; keep_i = u_i >= threshold (= ceil(p * 2^24)); mask_i = keep_i ? scale : 0, scale
-   = (float)(1 / (1 - p)); out_i = x_i * mask_i. The same floats as ops.dropout.dropout_forward. */
-CLONED void dropout_forward(int64_t n, const float *restrict x, uint64_t key, uint64_t threshold, float scale,
-                            float *restrict out, float *restrict mask) {
-    for (int64_t i = 0; i < n; i++) {
-        const uint64_t u = mix64(key + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull) >> 40;  /* 24 bits */
-        const float m = u >= threshold ? scale : 0.0f;
-        mask[i] = m;
-        out[i] = x[i] * m;
-    }
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* the attention's heads */
-
 /* qkv (B, T, 3E) -> y (B, T, E); and att (B, nh, T, T), query-major as torch's, unless it is NULL
    (the weights recomputed in the backward, or eval mode). Returns 0, or -1 when out of memory
    (nothing written). */
@@ -536,4 +510,27 @@ CLONED int attention_backward(int64_t B, int64_t T, int64_t nh, int64_t hs, cons
         }
     free(scratch);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* dropout (ops/dropout.py): out = x * mask, mask = keep / (1 - p), keep_i = u_i >= p */
+
+/* SplitMix64's finalizer (Stafford's mix 13), as ops.dropout.mix64 */
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* out (n,) and mask (n,) from x (n,): u_i = the top 24 bits of mix64(key + (i + 1) * GAMMA), SplitMix64
+   from the call's key; keep_i = u_i >= threshold (= ceil(p * 2^24)); mask_i = keep_i ? scale : 0, scale
+   = (float)(1 / (1 - p)); out_i = x_i * mask_i. The same floats as ops.dropout.dropout_forward. */
+CLONED void dropout_forward(int64_t n, const float *restrict x, uint64_t key, uint64_t threshold, float scale,
+                            float *restrict out, float *restrict mask) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t u = mix64(key + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull) >> 40;  /* 24 bits */
+        const float m = u >= threshold ? scale : 0.0f;
+        mask[i] = m;
+        out[i] = x[i] * m;
+    }
 }
