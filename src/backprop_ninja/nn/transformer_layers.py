@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from backprop_ninja.ops import native_transformer
-from backprop_ninja.ops.dropout import dropout_key
+from backprop_ninja.ops.dropout import DropoutCache, dropout_backward, dropout_key
 from backprop_ninja.nn.containers import Residual, Sequential
 from backprop_ninja.nn.layers import Layer
 
@@ -136,7 +136,7 @@ class Dropout(Layer):
 
     def backward(self, dout: Tensor) -> Tensor:
         # In the forward pass this was: out = x * mask (x itself in eval mode)
-        return dout if self.mask is None else dout * self.mask.to(dout.dtype)  # (..., H)
+        return dout if self.mask is None else dropout_backward(dout, DropoutCache(self.mask))  # (..., H)
 
     def __repr__(self) -> str:
         return f"Dropout(p={self.p})"
