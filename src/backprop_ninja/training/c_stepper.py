@@ -12,12 +12,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from backprop_ninja.models import Model
 from backprop_ninja.native import is_cpu_float32
+
+
+def holds_cpu_float32(model: Model) -> bool:
+    """Whether every parameter and buffer is a contiguous float32 CPU tensor, as the C steps need."""
+    return all(map(is_cpu_float32, [*model.params.values(), *model.buffers.values()]))
 
 
 class CStepper:
     name: str  # run.json's `stepper`
     threads = 1  # plain C loops on one thread
+    batch_size = 0  # the batch the workspace is made for (none yet)
     what = "C step"  # what the messages call it
     # the messages' subject for a tensor `key`, replaced / changed (with the optimizer's moments, say so)
     replaced = "{key} was"
@@ -54,7 +61,7 @@ class CStepper:
 
     def _workspace(self, batch_size: int) -> None:
         """A workspace for steps at `batch_size`, made anew only when the batch size changes."""
-        if batch_size != getattr(self, "batch_size", None):
+        if batch_size != self.batch_size:
             floats = self._workspace_floats(batch_size)
             if floats < 0:
                 raise ValueError(f"the {self.what} cannot run this model at batch {batch_size}")

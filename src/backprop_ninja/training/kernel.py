@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from backprop_ninja.models import Model, is_lecture_mlp
-from backprop_ninja.native import FLOAT_P, float_address, is_cpu_float32, open_library, set_signatures
-from backprop_ninja.training.c_stepper import CStepper
+from backprop_ninja.native import FLOAT_P, float_address, open_library, set_signatures
+from backprop_ninja.training.c_stepper import CStepper, holds_cpu_float32
 
 LIBRARY_STEM = "_mlp_step"  # setup.py builds backprop_ninja/_mlp_step<extension suffix>
 ABI = 1  # mlp_step_abi(): a library built from another layout of `MLP` is not loaded
@@ -42,12 +42,6 @@ class MLPPlan(ctypes.Structure):
         ("running_mean", FLOAT_P), ("running_var", FLOAT_P), ("W2", FLOAT_P), ("b2", FLOAT_P),
         ("momentum", ctypes.c_float), ("eps", ctypes.c_float),
     ]
-
-
-def holds_cpu_float32(model: Model) -> bool:
-    """Whether every parameter and buffer is a contiguous float32 CPU tensor, as the C steps need."""
-    tensors = [*model.params.values(), *model.buffers.values()]
-    return all(map(is_cpu_float32, tensors))
 
 
 @functools.cache

@@ -35,8 +35,7 @@ from backprop_ninja.native import FLOAT_P, float_address, set_signatures
 from backprop_ninja.nn import GRU, RNN, CausalBoW, Embedding, Linear, PositionEmbedding, Residual, Sequential, Tanh
 from backprop_ninja.ops import native_recurrent
 from backprop_ninja.optim import AdamW
-from backprop_ninja.training.c_stepper import CStepper
-from backprop_ninja.training.kernel import holds_cpu_float32
+from backprop_ninja.training.c_stepper import CStepper, holds_cpu_float32
 
 RNN_KIND, GRU_KIND, BIGRAM_KIND, BOW_KIND = 0, 1, 2, 3  # sequence_kernels.c's SEQUENCE_RNN, _GRU, _BIGRAM, _BOW
 MAX_PARAMS = 10  # sequence_kernels.c's SEQUENCE_MAX_PARAMS: the gru's
@@ -195,12 +194,11 @@ class KernelSequenceStepper(CStepper):
         assert not isinstance(parts, str), parts
         self.optimizer = optimizer
         self._hold({key: (holder, key) for holder, key in parts.holders})  # name -> (dict, key)
-        self.moments = {name: (optimizer.m[name], optimizer.v[name]) for name in self.tensors}
         self.plan = SequencePlan(kind=parts.kind, T=model.config.block_size, E=parts.E, H=parts.H, V=parts.V,
                                  beta1=optimizer.betas[0], beta2=optimizer.betas[1], eps=optimizer.eps,
                                  weight_decay=optimizer.weight_decay, P=len(self.tensors))
         for slot, (name, p) in zip(self.plan.params, self.tensors.items()):
-            m, v = self.moments[name]
+            m, v = optimizer.m[name], optimizer.v[name]
             slot.p, slot.m, slot.v, slot.n = float_address(p), float_address(m), float_address(v), p.numel()
         self.plan_ref = ctypes.byref(self.plan)
         self.lib = load_library()

@@ -34,8 +34,7 @@ from backprop_ninja.data import distinct_contexts
 from backprop_ninja.models import Model
 from backprop_ninja.native import FLOAT_P, float_address, open_library, set_signatures
 from backprop_ninja.nn import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Tanh
-from backprop_ninja.training.c_stepper import CStepper
-from backprop_ninja.training.kernel import holds_cpu_float32
+from backprop_ninja.training.c_stepper import CStepper, holds_cpu_float32
 
 LIBRARY_STEM = "_stack_step"  # setup.py builds backprop_ninja/training/_stack_step<extension suffix>
 ABI = 3  # stack_step_abi(): a library built from another layout of `Stack` or other functions is not loaded
