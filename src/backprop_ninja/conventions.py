@@ -9,6 +9,7 @@ Dimension legend (shape comments everywhere use these letters):
     H  hidden width (fan-out of a Linear)
     V  vocabulary size (characters + the end token)
     N  rows of a whole split;  U  distinct contexts among them
+    R  live positions of a batch of sequences, packed one a row (ops.packing)
     nh heads of attention;  hs  head size, E / nh
 
 Gradient policy: every backward returns *fresh* tensors and never accumulates into anything

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -101,12 +103,19 @@ class Model:
         """The loss as torch computes it, for autograd and finite differences."""
         return F.cross_entropy(logits, Y)  # ()
 
+    @contextmanager
+    def training_batch(self, X: Tensor, Y: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batch a training pass runs on, and whatever the pass needs set up for it: here the
+        batch itself (a TransformerModel trims and packs it to its live positions)."""
+        yield X, Y
+
     def loss_and_grads(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One training-mode forward pass and the hand-written backward pass: (loss, {name: grad})."""
         self.net.train(True)
-        logits = self.net.forward(X)  # (B, V) or (B, T, V)
-        loss, loss_cache = self.loss_forward(logits, Y)  # ()
-        self.net.backward(self.loss_backward(loss_cache))
+        with self.training_batch(X, Y) as (X, Y):
+            logits = self.net.forward(X)  # (B, V) or (B, T, V)
+            loss, loss_cache = self.loss_forward(logits, Y)  # ()
+            self.net.backward(self.loss_backward(loss_cache))
         return loss, self.net.grads
 
     def autograd_loss_and_grads(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -116,7 +125,7 @@ class Model:
         buffers) is left exactly as it was.
         """
         leaves = {k: p.detach().clone().requires_grad_(True) for k, p in self.params.items()}
-        with torch.enable_grad(), self.net.substituted(leaves):
+        with torch.enable_grad(), self.net.substituted(leaves), self.training_batch(X, Y) as (X, Y):
             self.net.train(True)
             loss = self.reference_loss(self.net.forward(X), Y)  # ()
             loss.backward()

@@ -31,8 +31,10 @@ from backprop_ninja.errors import UserError
 from backprop_ninja.models.base import ModelConfig, SequenceModel
 from backprop_ninja.models.sequence import torch_linear_init
 from backprop_ninja.nn import (
-    GELU, Block, Branch, CausalSelfAttention, Dropout, Embedding, LayerNorm, Linear, PositionEmbedding, Sequential,
+    GELU, Block, Branch, CausalSelfAttention, Dropout, Embedding, LayerNorm, Linear, LiveRows, PackRows,
+    PositionEmbedding, Sequential, UnpackRows,
 )
+from backprop_ninja.ops.packing import live_packing
 
 # the keys of a block's intermediates, in forward order: the rows `check --model` prints
 ATTENTION_KEYS = ["ln_1", "qkv", "att", "att_proj"]  # ln_1(x), c_attn(.), the heads, c_proj(.)
@@ -78,13 +80,14 @@ def linear(fan_in: int, fan_out: int, prefix: str, g: torch.Generator, bias: boo
 
 
 def block(E: int, n_head: int, prefix: str, g: torch.Generator, recompute: bool = False,
-          dropouts: tuple[Dropout, Dropout] | None = None) -> Block:
+          dropouts: tuple[Dropout, Dropout] | None = None, live: LiveRows | None = None) -> Block:
     """makemore's Block, its Linears drawn in its order: c_attn, attn.c_proj, c_fc, mlp.c_proj; with
-    `dropouts`, one at the end of each branch (GPT-2's resid_dropout)."""
+    `dropouts`, one at the end of each branch (GPT-2's resid_dropout); `live`: the model's packing.
+    Shapes (B, T, ...) as written, (R, ...) in a packed pass."""
     attention = Branch([
         layer_norm(E, f"{prefix}.ln_1"),  # (B, T, E)
         linear(E, 3 * E, f"{prefix}.attn.c_attn", g),  # (B, T, 3E)
-        CausalSelfAttention(n_head, recompute),  # (B, T, E)
+        CausalSelfAttention(n_head, recompute, live),  # (B, T, E)
         linear(E, E, f"{prefix}.attn.c_proj", g),  # (B, T, E)
         *(dropouts or ())[:1],  # (B, T, E)
     ])
@@ -100,9 +103,28 @@ def block(E: int, n_head: int, prefix: str, g: torch.Generator, recompute: bool 
 
 
 class TransformerModel(SequenceModel):
-    """A SequenceModel whose reference passes (autograd, finite differences) can replay the dropout
-    masks of its last training-mode forward pass: the function they differentiate is then the one
-    the hand-written backward differentiated."""
+    """A SequenceModel whose training passes run on the batch's live positions only (ops.packing),
+    and whose reference passes (autograd, finite differences) can replay the dropout masks of its
+    last training-mode forward pass: the function they differentiate is then the one the
+    hand-written backward differentiated."""
+
+    def __init__(self, config: TransformerConfig, net: Sequential, live: LiveRows) -> None:
+        super().__init__(config, net)
+        self.live = live  # read by the net's PackRows, UnpackRows and attention layers
+
+    @contextmanager
+    def training_batch(self, X: Tensor, Y: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batch cut to its longest live prefix T' (B, T'), the layers set to pack its live
+        positions: a position past a sequence's last prediction reaches no term of the loss (the
+        attention is causal), so the loss and every gradient are those of the whole batch, and a
+        batch of short words costs the rows it predicts. A batch that predicts nothing runs as it
+        is, for the loss to refuse."""
+        packing = live_packing(Y)
+        if packing.positions == 0:
+            yield X, Y
+            return
+        with self.live.packed(packing):
+            yield X[:, :packing.positions], Y[:, :packing.positions]  # (B, T'), (B, T')
 
     def dropouts(self) -> list[Dropout]:
         return [layer for layer in self.net.leaves() if isinstance(layer, Dropout)]
@@ -142,15 +164,19 @@ def build_transformer(config: TransformerConfig, g: torch.Generator, recompute: 
     def branch_dropouts(i: int) -> tuple[Dropout, Dropout] | None:
         return (Dropout(p, 0, f"h.{i}.attn.drop"), Dropout(p, 0, f"h.{i}.mlp.drop")) if p > 0 else None
 
-    blocks = [block(E, config.n_head, f"h.{i}", g, recompute, branch_dropouts(i)) for i in range(config.n_layer)]
-    head = [layer_norm(E, "ln_f"), linear(E, V, "lm_head", g, bias=False)]  # (B, T, E), (B, T, V)
+    live = LiveRows()  # a training pass's packing (TransformerModel.training_batch)
+    blocks = [block(E, config.n_head, f"h.{i}", g, recompute, branch_dropouts(i), live)
+              for i in range(config.n_layer)]
+    head = [layer_norm(E, "ln_f"), linear(E, V, "lm_head", g, bias=False)]  # (R, E), (R, V)
     model = TransformerModel(config, Sequential([
         Embedding(wte, name="wte"),  # (B, T, E)
         PositionEmbedding(wpe, name="wpe"),  # (B, T, E)
-        *drop,  # (B, T, E)
-        *blocks,  # (B, T, E) each
+        PackRows(live),  # (R, E) the live positions (the identity outside a training pass)
+        *drop,  # (R, E)
+        *blocks,  # (R, E) each
         *head,
-    ]))
+        UnpackRows(live),  # (B, T, V) zeros at the dead positions, which predict nothing
+    ]), live)
     for layer in model.dropouts():  # in layer order, after every weight
         layer.buffers[f"{layer.name}.rng"][0] = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
     return model

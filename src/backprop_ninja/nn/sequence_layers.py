@@ -2,6 +2,8 @@
 the positions apart where it must.
 
     PositionEmbedding   x + P[:T], one learned vector per position
+    LiveRows            the packing of a training pass (ops.packing), shared by the layers below
+    PackRows, UnpackRows  (B, T, ...) <-> the live positions' rows (R, ...); the identity unpacked
     CausalBoW           each position averages itself and the positions before it
     RNN, GRU            a learned start state, then the cell over every position (ops.recurrent;
                         in C, ops.native_recurrent, on contiguous float32 CPU tensors outside autograd)
@@ -14,11 +16,14 @@ through time, and `check --model` prints a row per step
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import Tensor
 
 from backprop_ninja import ops
 from backprop_ninja.nn.layers import Layer
-from backprop_ninja.ops import native_recurrent
+from backprop_ninja.ops import native_recurrent, packing
 
 
 class PositionEmbedding(Layer):
@@ -37,6 +42,67 @@ class PositionEmbedding(Layer):
         dx, dtable = ops.position_embedding_backward(dout, self.cache)  # (B, T, E), (T_max, E)
         self.grads = {self.name: dtable}
         return dx
+
+
+class LiveRows:
+    """The packing (ops.packing.Packing) of the training pass under way, or None: the one object the
+    layers that move between (B, T, ...) and the live rows (R, ...) read, so that the model sets it
+    once a pass. Outside a packed pass (eval mode, sampling, a layer run on its own) they are the identity."""
+
+    def __init__(self) -> None:
+        self.packing: packing.Packing | None = None
+
+    @contextmanager
+    def packed(self, live: packing.Packing) -> Iterator[packing.Packing]:
+        self.packing = live
+        try:
+            yield live
+        finally:
+            self.packing = None
+
+
+class PackRows(Layer):
+    """(B, T, ...) -> the live positions' rows (R, ...) in a packed pass; the identity otherwise."""
+
+    def __init__(self, live: LiveRows) -> None:
+        super().__init__()
+        self.live = live
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.live.packing is None:
+            self.cache = None
+            return x
+        rows, self.cache = packing.pack_forward(x, self.live.packing)  # (R, ...)
+        return rows
+
+    def backward(self, dout: Tensor) -> Tensor:
+        # In the forward pass this was: rows = x[live] (or x itself, unpacked)
+        return dout if self.cache is None else packing.pack_backward(dout, self.cache)  # (B, T, ...)
+
+    def __repr__(self) -> str:
+        return "PackRows()"
+
+
+class UnpackRows(Layer):
+    """The live rows (R, ...) -> (B, T, ...), zeros at the dead positions, in a packed pass; the identity otherwise."""
+
+    def __init__(self, live: LiveRows) -> None:
+        super().__init__()
+        self.live = live
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.live.packing is None:
+            self.cache = None
+            return x
+        out, self.cache = packing.unpack_forward(x, self.live.packing)  # (B, T, ...)
+        return out
+
+    def backward(self, dout: Tensor) -> Tensor:
+        # In the forward pass this was: out[live] = rows, zeros elsewhere (or x itself, unpacked)
+        return dout if self.cache is None else packing.unpack_backward(dout, self.cache)  # (R, ...)
+
+    def __repr__(self) -> str:
+        return "UnpackRows()"
 
 
 class CausalBoW(Layer):

@@ -48,7 +48,7 @@ def sequence_cross_entropy_forward(logits: Tensor, targets: Tensor) -> tuple[Ten
     # of the same log_softmax (one pass over the logits fewer than F.softmax; autograd's backward of
     # cross_entropy uses that exp too). The loss is F.cross_entropy's bit for bit.
     logprobs = F.log_softmax(logits, dim=-1)  # (B, T, V)
-    loss = F.nll_loss(logprobs.view(-1, vocab_size), targets.view(-1), ignore_index=IGNORE_INDEX)  # ()
+    loss = F.nll_loss(logprobs.view(-1, vocab_size), targets.reshape(-1), ignore_index=IGNORE_INDEX)  # ()
     probs = logprobs.exp()  # (B, T, V) softmax(logits)
     return loss, SequenceCrossEntropyCache(probs, targets, predicted, count)
 
