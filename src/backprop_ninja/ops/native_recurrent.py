@@ -33,7 +33,7 @@ from backprop_ninja.native import computes_natively, open_library, set_signature
 from backprop_ninja.ops import recurrent
 
 LIBRARY_STEM = "_sequence_kernels"  # setup.py builds backprop_ninja/ops/_sequence_kernels<suffix>
-ABI = 1  # sequence_kernels_abi(): a library built for other arguments is not loaded
+ABI = 2  # sequence_kernels_abi(): a library built for other arguments is not loaded
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -46,7 +46,8 @@ def load_library() -> ctypes.CDLL | None:
 
 
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """The cell functions' argument and result types, set on the library (or on a test's own build of it)."""
+    """The functions' argument and result types, set on the library (or on a test's own build of it):
+    the cells', and AdamW's update (optim/native_adamw.py)."""
     sizes = [_i64] * 4  # B, T, E, H
     signatures = {
         "rnn_forward_work_floats": (sizes, _i64),
@@ -57,6 +58,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "rnn_backward": ([*sizes, _i64] + [_ptr] * 11, None),
         "gru_forward": ([*sizes, _i64] + [_ptr] * 12, None),
         "gru_backward": ([*sizes, _i64] + [_ptr] * 19, None),
+        "adamw_update": ([_i64] + [_ptr] * 5 + [ctypes.c_double] * 5 + [_i64], None),
     }
     return set_signatures(lib, signatures)
 
@@ -200,3 +202,4 @@ def _like(dout: Tensor, out: Tensor) -> Tensor:
         raise ValueError(f"the gradient of a recurrent layer's output must be {out.dtype} {tuple(out.shape)}, "
                          f"got {dout.dtype} {tuple(dout.shape)}")
     return dout.contiguous()
+

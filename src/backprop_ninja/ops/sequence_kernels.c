@@ -33,7 +33,7 @@
 
 /* The argument layout of the functions below and of the structures Param and Sequence;
    native_recurrent.py checks this number (ABI), for sequence_kernel.py's mirrors too. */
-int sequence_kernels_abi(void) { return 1; }
+int sequence_kernels_abi(void) { return 2; }
 
 /* floats of matmul's zero-padded panel for a last, partial block of columns: KC terms x 2W */
 #define PANEL (KC * 2 * W)
@@ -612,7 +612,9 @@ static inline __attribute__((always_inline)) double head(int64_t R, int64_t F, i
 /* AdamW.step on one parameter (optim/adamw.py), each line one of its torch._foreach_* calls, with
    the scalars torch hands a float32 kernel: the Python floats, rounded to float32. Each line rounds
    where torch's kernels round (measured on torch 2.13's AVX-512 kernels): lerp and addcmul fuse
-   their last multiply-add, the rest round every operation. */
+   their last multiply-add, the rest round every operation. The one difference is the square root:
+   correctly rounded here, within an ulp of it in torch's AVX-512 kernel, so m and v are torch's
+   bit for bit and a parameter can be an ulp away (tests/test_optim.py). */
 typedef struct {
     float decay, one_minus_beta1, beta2, one_minus_beta2, root_bias2, eps, minus_lr_over_bias1;
 } AdamW;
@@ -671,6 +673,22 @@ static void adamw(int64_t n, float *restrict p, float *restrict m, float *restri
     }
 #endif
     adamw_rows(0, n, p, m, v, g, a);
+}
+
+/* AdamW's scalars at learning rate lr and step t, made in float64 as Python makes them */
+static AdamW adamw_scalars(double lr, double weight_decay, double beta1, double beta2, double eps, int64_t t) {
+    const double bias1 = 1.0 - pow(beta1, (double)t), root_bias2 = sqrt(1.0 - pow(beta2, (double)t));
+    return (AdamW){(float)(1.0 - lr * weight_decay), (float)(1.0 - beta1), (float)beta2, (float)(1.0 - beta2),
+                   (float)root_bias2, (float)eps, (float)(-lr / bias1)};
+}
+
+/* AdamW.step (optim/adamw.py) on P parameters at learning rate lr, step t: parameter i is p[i], its
+   moments m[i] and v[i] and its gradient g[i], n[i] floats each; p, m and v are updated in place. */
+void adamw_update(int64_t P, float *const *p, float *const *m, float *const *v, const float *const *g,
+                  const int64_t *n, double lr, double weight_decay, double beta1, double beta2, double eps,
+                  int64_t t) {
+    const AdamW a = adamw_scalars(lr, weight_decay, beta1, beta2, eps, t);
+    for (int64_t i = 0; i < P; i++) adamw(n[i], p[i], m[i], v[i], g[i], a);
 }
 
 /* One step on the batch (X (B, T), Y (B, T) int64 ids, Y -1 where nothing is predicted) at learning
@@ -808,10 +826,8 @@ CLONED float sequence_step(const Sequence *s, const int64_t *restrict X, const i
         matmul_into(V, E, kH, table, kH, 1, w_xT, E, grad[0], E, panel, 0);
     }
 
-    /* AdamW (optim/adamw.py), once every gradient is made: the scalars in float64, as Python computes them */
-    const double bias1 = 1.0 - pow(s->beta1, (double)t), root_bias2 = sqrt(1.0 - pow(s->beta2, (double)t));
-    const AdamW a = {(float)(1.0 - lr * s->weight_decay), (float)(1.0 - s->beta1), (float)s->beta2,
-                     (float)(1.0 - s->beta2), (float)root_bias2, (float)s->eps, (float)(-lr / bias1)};
+    /* AdamW (optim/adamw.py), once every gradient is made */
+    const AdamW a = adamw_scalars(lr, s->weight_decay, s->beta1, s->beta2, s->eps, t);
     for (int64_t i = 0; i < s->P; i++) {
         if (prm[i].grad) memcpy(prm[i].grad, grad[i], prm[i].n * sizeof(float));
         adamw(prm[i].n, prm[i].p, prm[i].m, prm[i].v, grad[i], a);
