@@ -14,7 +14,7 @@ For the sequence models: gates (sigmoid), sequence_loss, causal (bag of words), 
 and native_recurrent (their loop over a sequence in C, sequence_kernels.c, where the tensors allow it),
 and embedding's position table. For the transformer: layernorm, gelu, attention (softmax, the qkv split
 into heads, causal attention, the head merge), fused_transformer (the same maths in fewer passes) and
-native_transformer (the same maths in C, transformer_kernels.c, where the tensors allow it)),
+native_transformer (the same maths in C, transformer_kernels.c, where the tensors allow it),
 and packing (a batch of sequences to the rows of its live positions, and back).
 """
 
