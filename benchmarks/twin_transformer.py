@@ -227,16 +227,25 @@ def readable_forms() -> dict:
     from backprop_ninja import ops
     from backprop_ninja.ops.fused_transformer import AttentionCache
 
-    def heads_forward(qkv, n_head, recompute=False, keep=True):
+    from backprop_ninja.ops import packing as packing_ops
+
+    def heads_forward(qkv, n_head, recompute=False, keep=True, packing=None):
+        if packing is not None:  # a packed batch's live rows (R, 3E): the heads read the (B, T', 3E) form
+            qkv, _ = packing_ops.unpack_forward(qkv, packing)
         q, k, v, split = ops.split_heads_forward(qkv, n_head)  # (B, nh, T, hs) each
         y, attention = ops.causal_attention_forward(q, k, v, recompute)  # (B, nh, T, hs)
         out, merge = ops.merge_heads_forward(y)  # (B, T, E)
-        return out, AttentionCache(split, attention, merge)
+        if packing is not None:
+            out, _ = packing_ops.pack_forward(out, packing)  # (R, E)
+        return out, (AttentionCache(split, attention, merge), packing)
 
     def heads_backward(dout, cache):
-        split, attention, merge = cache
+        (split, attention, merge), packing = cache
+        if packing is not None:
+            dout = packing_ops.pack_backward(dout, packing_ops.PackCache(packing))  # (B, T', E)
         dq, dk, dv = ops.causal_attention_backward(ops.merge_heads_backward(dout, merge), attention)
-        return ops.split_heads_backward(dq, dk, dv, split)  # (B, T, 3E)
+        dqkv = ops.split_heads_backward(dq, dk, dv, split)  # (B, T, 3E)
+        return dqkv if packing is None else packing_ops.unpack_backward(dqkv, packing_ops.UnpackCache(packing))
 
     return {"layernorm_forward": lambda x, w, b, eps=ops.LAYERNORM_EPS, keep=True: ops.layernorm_forward(x, w, b, eps),
             "layernorm_backward": ops.layernorm_backward,

@@ -210,6 +210,77 @@ def test_recomputed_attention_weights_give_the_same_floats(shape):
     assert all(torch.equal(a, b) for a, b in zip(kept, rebuilt))
 
 
+def packed_inputs(shape, lengths: list[int], seed: int = 31):
+    """A (B, T, 3E) qkv and (B, T, E) dy with zeros past each sequence's length, and their packing."""
+    from backprop_ninja.ops.packing import live_packing
+
+    qkv, dy, nh = heads_inputs(shape, 1.0, seed)
+    B, T = qkv.shape[:2]
+    Y = torch.where(torch.arange(T) < torch.tensor(lengths)[:, None], 1, -1)  # (B, T) predictions: the lengths
+    packing = live_packing(Y)
+    T_live = packing.positions
+    dead = torch.arange(T_live) >= torch.tensor(lengths)[:, None]  # (B, T')
+    qkv, dy = qkv[:, :T_live].masked_fill(dead[..., None], 0.0), dy[:, :T_live].masked_fill(dead[..., None], 0.0)
+    return qkv.contiguous(), dy.contiguous(), nh, packing
+
+
+# B, T, nh, hs and each sequence's length: the tiles, a sequence of none, and the other code
+PACKED = {"tiles": ((4, 9, 2, 8), [9, 3, 0, 5]), "one": ((1, 16, 4, 16), [7]),
+          "T=20": ((3, 20, 2, 4), [20, 1, 13]), "hs=17": ((2, 6, 1, 17), [2, 6])}
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("case", PACKED)
+def test_packed_heads_are_the_padded_batchs_on_its_live_rows(case, recompute):
+    """The C code on the live rows (R, 3E) gives, bit for bit, what it gives on the (B, T', 3E) form
+    with zeros at the dead positions, on those rows (a dead row is zeros in a tile either way); the
+    kept weights are the live block's, zeros past each length; and the torch forms agree to rounding."""
+    from backprop_ninja.ops.packing import pack_forward
+
+    shape, lengths = PACKED[case]
+    qkv, dy, nh, packing = packed_inputs(shape, lengths)
+    rows, dy_rows = pack_forward(qkv, packing)[0], pack_forward(dy, packing)[0]  # (R, 3E), (R, E)
+    y, cache = native_transformer.heads_forward(rows, nh, recompute, packing=packing)  # (R, E)
+    assert isinstance(cache, HeadsCache) and y.shape == (rows.shape[0], qkv.shape[2] // 3)
+    dqkv = native_transformer.heads_backward(dy_rows, cache)  # (R, 3E)
+    padded_y, padded_att, padded_dqkv = heads_results(qkv, dy, nh, recompute)
+    assert torch.equal(y, pack_forward(padded_y, packing)[0])
+    assert torch.equal(dqkv, pack_forward(padded_dqkv, packing)[0])
+    att = native_transformer.heads_weights(cache)  # (B, nh, T', T')
+    live = torch.arange(packing.positions) < packing.lengths[:, None]  # (B, T')
+    block = (live[:, None, :, None] & live[:, None, None, :]).expand_as(att)  # (B, nh, T', T')
+    assert torch.equal(att[block], padded_att[block]) and not att[~block].any()
+    torch_y, torch_cache = fused_transformer.fused_heads_forward(qkv, nh)
+    torch.testing.assert_close(y, pack_forward(torch_y, packing)[0], rtol=1e-5, atol=1e-6)
+    torch_dqkv = fused_transformer.fused_heads_backward(dy, torch_cache)
+    torch.testing.assert_close(dqkv, pack_forward(torch_dqkv, packing)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_heads_fall_back_to_the_torch_forms_on_the_padded_form():
+    """float64 (the checks): the torch forms on the (B, T', 3E) form, their live rows given back."""
+    from backprop_ninja.ops.packing import pack_forward
+
+    qkv, dy, nh, packing = packed_inputs(*PACKED["tiles"])
+    rows, dy_rows = pack_forward(qkv.double(), packing)[0], pack_forward(dy.double(), packing)[0]
+    y, cache = native_transformer.heads_forward(rows, nh, packing=packing)
+    assert isinstance(cache, native_transformer.UnpackedHeadsCache)
+    dqkv = native_transformer.heads_backward(dy_rows, cache)
+    truth_y, _, truth_dqkv = heads_truths(qkv, dy, nh)
+    for mine, truth in ((y, truth_y), (dqkv, truth_dqkv)):
+        verdict = judge(mine, pack_forward(truth, packing)[0])
+        assert verdict.right, verdict.reason
+
+
+def test_packed_heads_with_rows_of_another_count_run_the_torch_forms():
+    """A packing whose rows are not qkv's: the C code is not handed it (it would read past qkv)."""
+    from backprop_ninja.ops.packing import pack_forward
+
+    qkv, dy, nh, packing = packed_inputs(*PACKED["tiles"])
+    rows = pack_forward(qkv, packing)[0][:-1]  # one row short
+    with pytest.raises(RuntimeError):  # the torch forms' own error: the rows do not fit the places
+        native_transformer.heads_forward(rows, nh, packing=packing)
+
+
 def test_one_position_attends_to_itself_exactly_and_no_position_reads_the_future():
     qkv, dy, nh = heads_inputs((2, 1, 2, 3), 1.0)
     y, att, _ = heads_results(qkv, dy, nh)
@@ -386,4 +457,4 @@ def test_the_kernels_are_clean_under_address_and_undefined_behaviour_sanitizers(
                     "-fno-omit-frame-pointer", "-Wno-psabi", str(source), "-o", str(binary), "-lm"], check=True)
     done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == "sanitized: 10 shapes clean"
+    assert done.stdout.strip() == "sanitized: 11 shapes clean"

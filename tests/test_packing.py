@@ -37,7 +37,7 @@ def test_live_positions_end_at_each_rows_last_prediction():
     packing = live_packing(Y)
     assert packing.batch == 4 and packing.positions == 4  # the longest live prefix; the last 2 columns dead
     expected = [b * packing.positions + t for b, t in live_by_loop(Y)]
-    assert packing.index.tolist() == expected
+    assert packing.index.tolist() == expected and packing.lengths.tolist() == [3, 0, 4, 2]
 
 
 def test_a_batch_that_predicts_nothing_has_no_live_position():
@@ -112,7 +112,8 @@ def test_a_packing_that_drops_a_live_position_is_caught(monkeypatch):
         ends = {(i // T, i % T) for i in right.index.tolist()}
         last = {b: max(t for bb, t in ends if bb == b) for b, _ in ends}
         keep = [b * T + t for b, t in sorted(ends) if t != last[b] or t == 0]
-        return Packing(torch.tensor(keep), B, T)
+        lengths = torch.bincount(torch.tensor(keep) // T, minlength=B)  # (B,)
+        return Packing(torch.tensor(keep), lengths, B, T)
 
     model, X, Y = model_and_batch()
     params = {k: p.double() for k, p in model.params.items()}

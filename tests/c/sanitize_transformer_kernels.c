@@ -45,18 +45,30 @@ static int elementwise(int64_t n, int64_t R, int64_t E) {
     return ok;
 }
 
-/* The heads of B examples of T positions, nh heads of hs features: 1 when every result is finite. */
-static int heads(int64_t B, int64_t T, int64_t nh, int64_t hs) {
+/* The heads of B examples of T positions, nh heads of hs features, or (lengths given) of a packed
+   batch, sequence b of lengths[b] positions, its buffers exactly R rows: 1 when every result is finite. */
+static int heads(int64_t B, int64_t T, const int64_t *lengths, int64_t nh, int64_t hs) {
     const int64_t E = nh * hs;
-    float *qkv = floats(B * T * 3 * E, 20), *y = floats(B * T * E, 21), *att = floats(B * nh * T * T, 22);
-    float *dy = floats(B * T * E, 23), *dqkv = floats(B * T * 3 * E, 24);
+    int64_t R = 0;
+    for (int64_t b = 0; b < B; b++) R += lengths ? lengths[b] : T;
+    float *qkv = floats(R * 3 * E, 20), *y = floats(R * E, 21), *att = floats(B * nh * T * T, 22);
+    float *dy = floats(R * E, 23), *dqkv = floats(R * 3 * E, 24);
     const float scale = 1.0f / sqrtf((float)hs);
-    int ok = attention_forward(B, T, nh, hs, qkv, scale, y, att) == 0;
-    ok &= attention_forward(B, T, nh, hs, qkv, scale, y, NULL) == 0;
-    ok &= attention_backward(B, T, nh, hs, qkv, att, dy, scale, dqkv) == 0 && all_finite(dqkv, B * T * 3 * E);
-    ok &= attention_backward(B, T, nh, hs, qkv, NULL, dy, scale, dqkv) == 0 && all_finite(dqkv, B * T * 3 * E);
-    ok &= all_finite(y, B * T * E) && all_finite(att, B * nh * T * T);
+    int ok = attention_forward(B, T, lengths, nh, hs, qkv, scale, y, att) == 0;
+    ok &= attention_forward(B, T, lengths, nh, hs, qkv, scale, y, NULL) == 0;
+    ok &= attention_backward(B, T, lengths, nh, hs, qkv, att, dy, scale, dqkv) == 0 && all_finite(dqkv, R * 3 * E);
+    ok &= attention_backward(B, T, lengths, nh, hs, qkv, NULL, dy, scale, dqkv) == 0 && all_finite(dqkv, R * 3 * E);
+    ok &= all_finite(y, R * E) && all_finite(att, B * nh * T * T);
     free(qkv), free(y), free(att), free(dy), free(dqkv);
+    return ok;
+}
+
+/* heads() on B sequences of T positions, then packed: lengths T, T - 2, ..., then 0 */
+static int heads_both_ways(int64_t B, int64_t T, int64_t nh, int64_t hs) {
+    int64_t *lengths = malloc((size_t)B * sizeof *lengths);
+    for (int64_t b = 0; b < B; b++) lengths[b] = T - 2 * b > 0 ? T - 2 * b : 0;
+    const int ok = heads(B, T, NULL, nh, hs) && heads(B, T, lengths, nh, hs);
+    free(lengths);
     return ok;
 }
 
@@ -65,8 +77,8 @@ int main(void) {
     const int64_t widths[][3] = {{1, 1, 1}, {7, 7, 1}, {131, 3, 67}, {4096, 64, 64}};  /* n; R, E */
     for (int i = 0; i < 4; i++, shapes++) ok &= elementwise(widths[i][0], widths[i][1], widths[i][2]);
     const int64_t shape[][4] = {{2, 1, 2, 3}, {3, 4, 3, 1}, {2, 16, 4, 16}, {1, 5, 2, 3},  /* tiles */
-                                {2, 17, 2, 16}, {1, 16, 1, 17}};  /* the other code */
-    for (int i = 0; i < 6; i++, shapes++) ok &= heads(shape[i][0], shape[i][1], shape[i][2], shape[i][3]);
+                                {2, 17, 2, 16}, {1, 16, 1, 17}, {5, 9, 2, 20}};  /* the other code */
+    for (int i = 0; i < 7; i++, shapes++) ok &= heads_both_ways(shape[i][0], shape[i][1], shape[i][2], shape[i][3]);
     if (!ok) {
         printf("a kernel failed or gave a non-finite result\n");
         return 1;

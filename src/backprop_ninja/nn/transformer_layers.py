@@ -31,9 +31,6 @@ from torch import Tensor
 
 from backprop_ninja.ops import native_transformer
 from backprop_ninja.ops.dropout import DropoutCache, dropout_backward, dropout_key
-from backprop_ninja.ops.packing import (
-    PackCache, Packing, UnpackCache, pack_backward, pack_forward, unpack_backward, unpack_forward,
-)
 from backprop_ninja.nn.containers import Residual, Sequential
 from backprop_ninja.nn.layers import Layer
 from backprop_ninja.nn.sequence_layers import LiveRows
@@ -77,34 +74,26 @@ class CausalSelfAttention(Layer):
 
     recompute=True keeps the heads' input but not the (B, nh, T, T) attention weights: the backward
     rebuilds them by the forward's code, bit for bit the same gradients for less memory.
-    In a packed pass (`live`, nn.sequence_layers.LiveRows) it reads and writes the live rows (R, ...):
-    the one layer of the block where positions meet.
+    In a packed pass (`live`, nn.sequence_layers.LiveRows) it reads and writes the live rows (R, ...),
+    each sequence's where they are (native_transformer.heads_forward): the one layer of the block
+    where positions meet.
     """
 
     def __init__(self, n_head: int, recompute: bool = False, live: LiveRows | None = None) -> None:
         super().__init__()
         self.n_head, self.recompute = n_head, recompute
         self.live = live or LiveRows()
-        self.packing: Packing | None = None  # of the last forward pass
 
     def forward(self, qkv: Tensor) -> Tensor:
-        # in a packed pass the heads read the live rows (R, 3E) back in their places (B, T, 3E)
-        self.packing = packing = self.live.packing
-        if packing is not None:
-            qkv, _ = unpack_forward(qkv, packing)  # (B, T, 3E)
         # q, k, v = split_heads(qkv); y = softmax(masked(q @ k^T / sqrt(hs))) @ v; out = merge_heads(y)
-        out, self.cache = native_transformer.heads_forward(qkv, self.n_head, self.recompute,
-                                                           keep=self.training)  # (B, T, E)
-        return out if packing is None else pack_forward(out, packing)[0]  # (R, E) packed
+        # (in a packed pass qkv and out are the live rows, (R, 3E) and (R, E))
+        out, self.cache = native_transformer.heads_forward(qkv, self.n_head, self.recompute, keep=self.training,
+                                                           packing=self.live.packing)  # (B, T, E)
+        return out
 
     def backward(self, dout: Tensor) -> Tensor:
-        # In the forward pass this was: out = pack(merge_heads(att @ v)), att = softmax(masked(q @ k^T / sqrt(hs))),
-        # q, k, v = split_heads(unpack(qkv)) (no pack, no unpack outside a packed pass)
-        packing = self.packing
-        if packing is not None:
-            dout = pack_backward(dout, PackCache(packing))  # (B, T, E), zeros at the dead positions
-        dqkv = native_transformer.heads_backward(dout, self.cache)  # (B, T, 3E)
-        return dqkv if packing is None else unpack_backward(dqkv, UnpackCache(packing))  # (R, 3E)
+        # In the forward pass this was: out = merge_heads(att @ v), att = softmax(masked(q @ k^T / sqrt(hs)))
+        return native_transformer.heads_backward(dout, self.cache)  # (B, T, 3E)
 
     def attention_weights(self) -> Tensor:
         """att (B, nh, T, T) of the last training-mode forward pass (rebuilt from q, k when it was not kept)."""

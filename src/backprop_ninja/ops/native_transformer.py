@@ -22,6 +22,7 @@ the readable op through the verdict.
     dx = gelu_backward(dout, cache)
     y, cache = heads_forward(qkv, n_head)             # (B, T, 3E) -> (B, T, E)
     dqkv = heads_backward(dy, cache)                  # (B, T, E) -> (B, T, 3E)
+    y, cache = heads_forward(rows, n_head, packing=p) # a packed batch (ops.packing): (R, 3E) -> (R, E)
     out, cache = dropout_forward(x, key, p)           # (..., H); ops.dropout_backward(dout, cache)
 """
 
@@ -44,9 +45,12 @@ from backprop_ninja.ops.dropout import DropoutCache
 from backprop_ninja.ops.fused_transformer import AttentionCache
 from backprop_ninja.ops.gelu import GELU_BETA, GELU_KAPPA, GELUCache
 from backprop_ninja.ops.layernorm import LAYERNORM_EPS, LayerNormCache
+from backprop_ninja.ops.packing import (
+    PackCache, Packing, UnpackCache, pack_backward, pack_forward, unpack_backward, unpack_forward,
+)
 
 LIBRARY_STEM = "_transformer_kernels"  # setup.py builds backprop_ninja/ops/_transformer_kernels<suffix>
-ABI = 2  # transformer_kernels_abi(): a library built for other arguments (or without dropout) is not loaded
+ABI = 3  # transformer_kernels_abi(): a library built for other arguments (or without packing) is not loaded
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -67,8 +71,8 @@ def load_library() -> ctypes.CDLL | None:
         "gelu_backward": ([_i64, _ptr, _ptr, _ptr, _f32, _f32, _ptr], None),
         "layernorm_forward": ([_i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr], ctypes.c_int),
         "layernorm_backward": ([_i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr], ctypes.c_int),
-        "attention_forward": ([_i64, _i64, _i64, _i64, _ptr, _f32, _ptr, _ptr], ctypes.c_int),
-        "attention_backward": ([_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr], ctypes.c_int),
+        "attention_forward": ([_i64, _i64, _ptr, _i64, _i64, _ptr, _f32, _ptr, _ptr], ctypes.c_int),
+        "attention_backward": ([_i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr], ctypes.c_int),
         "dropout_forward": ([_i64, _ptr, ctypes.c_uint64, ctypes.c_uint64, _f32, _ptr, _ptr], None),
     }
     return set_signatures(lib, signatures)
@@ -183,10 +187,18 @@ class HeadsCache(NamedTuple):
     """What the C backward reads: the heads' input itself (the qkv Linear's output, which its Branch
     keeps anyway), so no copy of q, k, v."""
 
-    qkv: Tensor  # (B, T, 3E) q, k, v side by side
+    qkv: Tensor  # (B, T, 3E) q, k, v side by side; (R, 3E) the live rows of a packed batch
     att: Tensor | None  # (B, nh, T, T) the attention weights; None with recompute: rebuilt from q, k
     n_head: int
     scale: float  # 1 / sqrt(hs), the scores' scale
+    packing: Packing | None = None  # the batch's, when qkv holds its live rows
+
+
+class UnpackedHeadsCache(NamedTuple):
+    """A packed batch's heads run by the torch forms: on its (B, T, 3E) form, rows put back in place."""
+
+    heads: HeadsCache | AttentionCache
+    packing: Packing
 
 
 def attention_scale(hs: int) -> float:
@@ -194,49 +206,75 @@ def attention_scale(hs: int) -> float:
     return 1.0 / math.sqrt(hs)
 
 
-def heads_forward(qkv: Tensor, n_head: int, recompute: bool = False,
-                  keep: bool = True) -> tuple[Tensor, HeadsCache | AttentionCache | None]:
+Heads = HeadsCache | AttentionCache | UnpackedHeadsCache
+
+
+def heads_forward(qkv: Tensor, n_head: int, recompute: bool = False, keep: bool = True,
+                  packing: Packing | None = None) -> tuple[Tensor, Heads | None]:
     """y = merge_heads(softmax(masked(q @ k^T / sqrt(hs))) @ v) for q, k, v = split_heads(qkv), one
     pass per (example, head). The cache keeps att, (B, nh, T, T), unless recompute=True (the backward
-    rebuilds it by the same code, so the same floats); no cache with keep=False (eval mode)."""
+    rebuilds it by the same code, so the same floats); no cache with keep=False (eval mode).
+
+    With `packing`, qkv is a packed batch's live rows (R, 3E) and y is (R, E): the C code reads each
+    sequence's rows where they are; the torch forms get the (B, T, 3E) form, zeros at the dead
+    positions (ops.packing), and give back the live rows of theirs."""
     lib = _library_for(qkv)
-    if lib is None or qkv.ndim != 3 or n_head < 1 or qkv.shape[2] % (3 * n_head):
+    packed = packing is not None
+    takes = (lib is not None and qkv.ndim == (2 if packed else 3) and n_head >= 1 and not qkv.shape[-1] % (3 * n_head)
+             and (not packed or qkv.shape[0] == packing.index.numel()))
+    if not takes and packed:
+        y, heads = heads_forward(unpack_forward(qkv, packing)[0], n_head, recompute, keep)  # (B, T, E)
+        return pack_forward(y, packing)[0], UnpackedHeadsCache(heads, packing) if keep else None  # (R, E)
+    if not takes:
         out, cache = fused_transformer.fused_heads_forward(qkv, n_head, recompute)  # its own errors
         return out, cache if keep else None
-    B, T, three_e = qkv.shape
-    E = three_e // 3
+    B, T = (packing.batch, packing.positions) if packed else qkv.shape[:2]
+    E = qkv.shape[-1] // 3
     hs = E // n_head
     scale = attention_scale(hs)
-    y = qkv.new_empty(B, T, E)  # (B, T, E)
+    y = qkv.new_empty(*qkv.shape[:-1], E)  # (B, T, E) or (R, E)
     att = qkv.new_empty(B, n_head, T, T) if keep and not recompute else None  # (B, nh, T, T)
-    _checked(lib.attention_forward(B, T, n_head, hs, qkv.data_ptr(), scale, y.data_ptr(),
-                                   att.data_ptr() if att is not None else None))
-    return y, HeadsCache(qkv, att, n_head, scale) if keep else None
+    _checked(lib.attention_forward(B, T, packing.lengths.data_ptr() if packed else None, n_head, hs,
+                                   qkv.data_ptr(), scale, y.data_ptr(), att.data_ptr() if att is not None else None))
+    return y, HeadsCache(qkv, att, n_head, scale, packing) if keep else None
 
 
-def heads_backward(dy: Tensor, cache: HeadsCache | AttentionCache) -> Tensor:
-    """dqkv (B, T, 3E): dq, dk, dv of ops.causal_attention_backward, side by side as q, k, v in qkv."""
+def heads_backward(dy: Tensor, cache: Heads) -> Tensor:
+    """dqkv (B, T, 3E), or (R, 3E) packed: dq, dk, dv of ops.causal_attention_backward, side by side as
+    q, k, v in qkv."""
+    if isinstance(cache, UnpackedHeadsCache):
+        # In the forward pass this was: y = pack(heads(unpack(qkv)))
+        dqkv = heads_backward(pack_backward(dy, PackCache(cache.packing)), cache.heads)  # (B, T, 3E)
+        return unpack_backward(dqkv, UnpackCache(cache.packing))  # (R, 3E)
     if isinstance(cache, AttentionCache):
         return fused_transformer.fused_heads_backward(dy, cache)
-    qkv, att, n_head, scale = cache
+    qkv, att, n_head, scale, packing = cache
     lib = _library_for(dy, qkv, *([att] if att is not None else []))
     if lib is None:  # a dy the C code does not take (strided, or recorded by autograd): torch's backward
-        return fused_transformer.fused_heads_backward(dy, torch_heads_cache(cache))
-    B, T, three_e = qkv.shape
-    dqkv = torch.empty_like(qkv)  # (B, T, 3E)
-    _checked(lib.attention_backward(B, T, n_head, three_e // (3 * n_head), qkv.data_ptr(),
+        if packing is None:
+            return fused_transformer.fused_heads_backward(dy, torch_heads_cache(cache))
+        unpacked = cache._replace(qkv=unpack_forward(qkv, packing)[0], packing=None)  # (B, T, 3E)
+        dy = pack_backward(dy, PackCache(packing))  # (B, T, E)
+        dqkv = fused_transformer.fused_heads_backward(dy, torch_heads_cache(unpacked))  # (B, T, 3E)
+        return unpack_backward(dqkv, UnpackCache(packing))  # (R, 3E)
+    B, T = (packing.batch, packing.positions) if packing is not None else qkv.shape[:2]
+    dqkv = torch.empty_like(qkv)  # (B, T, 3E) or (R, 3E)
+    _checked(lib.attention_backward(B, T, packing.lengths.data_ptr() if packing is not None else None, n_head,
+                                    qkv.shape[-1] // (3 * n_head), qkv.data_ptr(),
                                     att.data_ptr() if att is not None else None, dy.data_ptr(), scale,
                                     dqkv.data_ptr()))
     return dqkv
 
 
-def heads_weights(cache: HeadsCache | AttentionCache) -> Tensor:
+def heads_weights(cache: Heads) -> Tensor:
     """att (B, nh, T, T) of the forward pass that made `cache` (rebuilt from q, k when it was not kept,
     by the code that made the forward's)."""
+    if isinstance(cache, UnpackedHeadsCache):
+        return heads_weights(cache.heads)
     if isinstance(cache, HeadsCache):
         if cache.att is not None:
             return cache.att
-        _, rebuilt = heads_forward(cache.qkv, cache.n_head)  # the same kernel: the same floats
+        _, rebuilt = heads_forward(cache.qkv, cache.n_head, packing=cache.packing)  # the same kernel: the same floats
         return rebuilt.att
     attention = cache.attention
     return attention.att if attention.att is not None else fused_transformer.fused_attention_weights(

@@ -24,6 +24,7 @@ from backprop_ninja.conventions import IGNORE_INDEX
 
 class Packing(NamedTuple):
     index: Tensor  # (R,) int64: b * T' + t of each live position, in row-major order
+    lengths: Tensor  # (B,) int64: the live positions of each sequence (R in all), its rows in order
     batch: int  # B
     positions: int  # T': the batch's longest live prefix (its columns past that are dead)
 
@@ -39,7 +40,7 @@ def live_packing(Y: Tensor) -> Packing:
     live_length = ((Y != IGNORE_INDEX) * ends).amax(1)  # (B,) 1 + the last predicted position, 0 if none
     positions = int(live_length.max())
     live = torch.arange(positions, device=Y.device) < live_length[:, None]  # (B, T') bool
-    return Packing(live.reshape(-1).nonzero().squeeze(1), B, positions)  # (R,)
+    return Packing(live.reshape(-1).nonzero().squeeze(1), live_length, B, positions)  # (R,), (B,)
 
 
 # pack: rows = x[live positions]

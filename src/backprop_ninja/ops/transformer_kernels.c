@@ -26,7 +26,7 @@
 #include "cpu_clones.h"
 
 /* The argument layout of the functions below; native_transformer.py checks this number (ABI). */
-int transformer_kernels_abi(void) { return 2; }
+int transformer_kernels_abi(void) { return 3; }
 
 /* 1 where the kernels run their AVX2 or AVX-512 copy. The portable copy is slower than torch's own
    kernels (the attention 5 to 9 times: its 8-float vectors are split through the stack), so
@@ -229,7 +229,8 @@ CLONED int layernorm_backward(int64_t R, int64_t E, const float *restrict dout, 
        y = softmax(masked(q @ k^T * scale)) @ v,  scale = 1 / sqrt(hs)
    Per (example, head) the T x T weights are held transposed, attT[s][t] for key s and query t: the
    softmax's max and sum then run for every query at once, along memory. The future (s > t) is 0
-   in att and gets no gradient.
+   in att and gets no gradient. A packed batch (a training pass on the live positions only) gives
+   each sequence its own number of positions n <= T, its rows one after the other's.
 
    Two codes of the same sums, in the same order: where T <= 16 and hs <= 16 (makemore's shape on
    names.txt is 16 and 16), a head's matrices are copied into zero-padded 16 x 16 tiles and every
@@ -294,47 +295,50 @@ static inline __attribute__((always_inline)) void tile_weights(const tile qT, co
         for (int t = 0; t < TILE; t++) attT[s][t] /= sum[t];  /* att = e / e.sum(-1) */
 }
 
-static inline __attribute__((always_inline)) void tile_head_forward(int64_t T, int64_t hs, int64_t ld, int64_t E,
-                                                                    const float *q, const float *k,
+/* One head of a sequence of n positions; its weights, when kept, fill the (T, T) block at att,
+   zeros past n (n < T: a packed sequence shorter than the batch's longest). */
+static inline __attribute__((always_inline)) void tile_head_forward(int64_t n, int64_t T, int64_t hs, int64_t ld,
+                                                                    int64_t E, const float *q, const float *k,
                                                                     const float *v, float scale,
                                                                     float *restrict y, float *restrict att) {
     tile qh, qT, kh, vh, attT, yh;
-    tile_load(T, hs, q, ld, qh);
+    tile_load(n, hs, q, ld, qh);
     tile_transpose(qh, qT);
-    tile_load(T, hs, k, ld, kh);
-    tile_load(T, hs, v, ld, vh);
+    tile_load(n, hs, k, ld, kh);
+    tile_load(n, hs, v, ld, vh);
     tile_weights(qT, kh, scale, attT);
     tile_product(attT, 1, vh, yh);  /* y = att @ v */
-    for (int64_t t = 0; t < T; t++) memcpy(y + t * E, yh[t], (size_t)hs * sizeof(float));
+    for (int64_t t = 0; t < n; t++) memcpy(y + t * E, yh[t], (size_t)hs * sizeof(float));
     if (att)
         for (int64_t t = 0; t < T; t++)
-            for (int64_t s = 0; s < T; s++) att[t * T + s] = attT[s][t];
+            for (int64_t s = 0; s < T; s++) att[t * T + s] = t < n && s < n ? attT[s][t] : 0.0f;
 }
 
-static inline __attribute__((always_inline)) void tile_head_backward(int64_t T, int64_t hs, int64_t ld, int64_t E,
-                                                                     const float *q, const float *k,
+/* The backward of tile_head_forward: n positions, att (when kept) the (T, T) block. */
+static inline __attribute__((always_inline)) void tile_head_backward(int64_t n, int64_t T, int64_t hs, int64_t ld,
+                                                                     int64_t E, const float *q, const float *k,
                                                                      const float *v, const float *att,
                                                                      const float *dy, float scale,
                                                                      float *dq, float *dk, float *dv) {
     tile qh, kh, vh, attT, dyh, dyT, d, g;
-    tile_load(T, hs, q, ld, qh);
-    tile_load(T, hs, k, ld, kh);
-    tile_load(T, hs, v, ld, vh);
+    tile_load(n, hs, q, ld, qh);
+    tile_load(n, hs, k, ld, kh);
+    tile_load(n, hs, v, ld, vh);
     if (att) {
         memset(attT, 0, sizeof attT);
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t s = 0; s < T; s++) attT[s][t] = att[t * T + s];
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t s = 0; s < n; s++) attT[s][t] = att[t * T + s];
     } else {
         tile qT;
         tile_transpose(qh, qT);
         tile_weights(qT, kh, scale, attT);  /* recomputed, as in the forward */
     }
-    tile_load(T, hs, dy, E, dyh);
+    tile_load(n, hs, dy, E, dyh);
     tile_transpose(dyh, dyT);
     /* In the forward pass this was: y = att @ v */
     tile_product(vh, 0, dyT, d);  /* datt^T = v @ dy^T */
     tile_product(attT, 0, dyh, g);  /* dv = att^T @ dy */
-    for (int64_t s = 0; s < T; s++) memcpy(dv + s * ld, g[s], (size_t)hs * sizeof(float));
+    for (int64_t s = 0; s < n; s++) memcpy(dv + s * ld, g[s], (size_t)hs * sizeof(float));
     /* In the forward pass this was: att = softmax(scores): dscores = att * (datt - sum_s(datt * att)) */
     float r[TILE] = {0};
     for (int s = 0; s < TILE; s++)
@@ -343,9 +347,9 @@ static inline __attribute__((always_inline)) void tile_head_backward(int64_t T, 
     for (int s = 0; s < TILE; s++)
         for (int t = 0; t < TILE; t++) d[s][t] = attT[s][t] * (d[s][t] - r[t]) * scale;
     tile_product(d, 1, kh, g);  /* dq = dscores @ k */
-    for (int64_t t = 0; t < T; t++) memcpy(dq + t * ld, g[t], (size_t)hs * sizeof(float));
+    for (int64_t t = 0; t < n; t++) memcpy(dq + t * ld, g[t], (size_t)hs * sizeof(float));
     tile_product(d, 0, qh, g);  /* dk = dscores^T @ q */
-    for (int64_t s = 0; s < T; s++) memcpy(dk + s * ld, g[s], (size_t)hs * sizeof(float));
+    for (int64_t s = 0; s < n; s++) memcpy(dk + s * ld, g[s], (size_t)hs * sizeof(float));
 }
 
 /* Any shape: the same sums on loops of the head's own sizes, over scratch of
@@ -386,128 +390,140 @@ static inline __attribute__((always_inline)) void any_weights(int64_t T, int64_t
         for (int64_t t = s; t < T; t++) attT[s * T + t] /= sum[t];
 }
 
-static inline __attribute__((always_inline)) void any_head_forward(int64_t T, int64_t hs, int64_t ld, int64_t E,
-                                                                   const float *q, const float *k,
+static inline __attribute__((always_inline)) void any_head_forward(int64_t n, int64_t T, int64_t hs, int64_t ld,
+                                                                   int64_t E, const float *q, const float *k,
                                                                    const float *v, float scale,
                                                                    float *restrict y, float *restrict att,
                                                                    float *restrict scratch) {
-    float *attT = scratch, *qT = attT + T * T, *m = qT + hs * T, *sum = m + T;
-    any_weights(T, hs, ld, q, k, scale, attT, qT, m, sum);
-    for (int64_t t = 0; t < T; t++) {
+    float *attT = scratch, *qT = attT + n * n, *m = qT + hs * n, *sum = m + n;
+    any_weights(n, hs, ld, q, k, scale, attT, qT, m, sum);
+    for (int64_t t = 0; t < n; t++) {
         float *yt = y + t * E;
         for (int64_t d = 0; d < hs; d++) yt[d] = 0.0f;
         for (int64_t s = 0; s <= t; s++) {  /* y = att @ v */
-            const float a = attT[s * T + t];
+            const float a = attT[s * n + t];
             for (int64_t d = 0; d < hs; d++) yt[d] += a * v[s * ld + d];
         }
         if (att)
-            for (int64_t s = 0; s < T; s++) att[t * T + s] = s <= t ? attT[s * T + t] : 0.0f;
+            for (int64_t s = 0; s < T; s++) att[t * T + s] = s <= t ? attT[s * n + t] : 0.0f;
     }
+    if (att) memset(att + n * T, 0, (size_t)((T - n) * T) * sizeof(float));  /* past a packed sequence's end */
 }
 
-static inline __attribute__((always_inline)) void any_head_backward(int64_t T, int64_t hs, int64_t ld, int64_t E,
-                                                                    const float *q, const float *k,
+static inline __attribute__((always_inline)) void any_head_backward(int64_t n, int64_t T, int64_t hs, int64_t ld,
+                                                                    int64_t E, const float *q, const float *k,
                                                                     const float *v, const float *att,
                                                                     const float *dy, float scale, float *dq,
                                                                     float *dk, float *dv,
                                                                     float *restrict scratch) {
-    float *attT = scratch, *dT = attT + T * T, *dyT = dT + T * T, *qT = dyT + hs * T;
-    float *m = qT + hs * T, *sum = m + T, *r = sum + T;
+    float *attT = scratch, *dT = attT + n * n, *dyT = dT + n * n, *qT = dyT + hs * n;
+    float *m = qT + hs * n, *sum = m + n, *r = sum + n;
     if (att) {
-        for (int64_t s = 0; s < T; s++)
-            for (int64_t t = s; t < T; t++) attT[s * T + t] = att[t * T + s];
+        for (int64_t s = 0; s < n; s++)
+            for (int64_t t = s; t < n; t++) attT[s * n + t] = att[t * T + s];
     } else {
-        any_weights(T, hs, ld, q, k, scale, attT, qT, m, sum);  /* recomputed, as in the forward */
+        any_weights(n, hs, ld, q, k, scale, attT, qT, m, sum);  /* recomputed, as in the forward */
     }
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t d = 0; d < hs; d++) dyT[d * T + t] = dy[t * E + d];  /* (hs, T) */
-    /* In the forward pass this was: y = att @ v: datt = dy @ v^T (dT, transposed as attT), dv = att^T @ dy */
-    for (int64_t s = 0; s < T; s++) {
-        float *row = dT + s * T;
-        for (int64_t t = s; t < T; t++) row[t] = 0.0f;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t d = 0; d < hs; d++) dyT[d * n + t] = dy[t * E + d];  /* (hs, n) */
+    /* In the forward pass this was: y = att @ v: datt = dy @ v^n (dT, transposed as attT), dv = att^n @ dy */
+    for (int64_t s = 0; s < n; s++) {
+        float *row = dT + s * n;
+        for (int64_t t = s; t < n; t++) row[t] = 0.0f;
         for (int64_t d = 0; d < hs; d++) {
             const float vd = v[s * ld + d];
-            for (int64_t t = s; t < T; t++) row[t] += vd * dyT[d * T + t];
+            for (int64_t t = s; t < n; t++) row[t] += vd * dyT[d * n + t];
         }
         float *dvs = dv + s * ld;
         for (int64_t d = 0; d < hs; d++) dvs[d] = 0.0f;
-        for (int64_t t = s; t < T; t++) {
-            const float a = attT[s * T + t];
+        for (int64_t t = s; t < n; t++) {
+            const float a = attT[s * n + t];
             for (int64_t d = 0; d < hs; d++) dvs[d] += a * dy[t * E + d];
         }
     }
     /* In the forward pass this was: att = softmax(scores): dscores = att * (datt - sum_s(datt * att))
        over the keys s <= t of each query t; the masked future read neither q nor k (never formed) */
-    for (int64_t t = 0; t < T; t++) r[t] = 0.0f;
-    for (int64_t s = 0; s < T; s++)
-        for (int64_t t = s; t < T; t++) r[t] += dT[s * T + t] * attT[s * T + t];
-    /* In the forward pass this was: scores = (q @ k^T) * scale */
-    for (int64_t s = 0; s < T; s++)
-        for (int64_t t = s; t < T; t++) dT[s * T + t] = attT[s * T + t] * (dT[s * T + t] - r[t]) * scale;
-    for (int64_t t = 0; t < T; t++) {  /* dq = dscores @ k: query t from the keys s <= t */
+    for (int64_t t = 0; t < n; t++) r[t] = 0.0f;
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t t = s; t < n; t++) r[t] += dT[s * n + t] * attT[s * n + t];
+    /* In the forward pass this was: scores = (q @ k^n) * scale */
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t t = s; t < n; t++) dT[s * n + t] = attT[s * n + t] * (dT[s * n + t] - r[t]) * scale;
+    for (int64_t t = 0; t < n; t++) {  /* dq = dscores @ k: query t from the keys s <= t */
         float *dqt = dq + t * ld;
         for (int64_t d = 0; d < hs; d++) dqt[d] = 0.0f;
         for (int64_t s = 0; s <= t; s++) {
-            const float g = dT[s * T + t];
+            const float g = dT[s * n + t];
             for (int64_t d = 0; d < hs; d++) dqt[d] += g * k[s * ld + d];
         }
     }
-    for (int64_t s = 0; s < T; s++) {  /* dk = dscores^T @ q: key s from the queries t >= s */
+    for (int64_t s = 0; s < n; s++) {  /* dk = dscores^n @ q: key s from the queries t >= s */
         float *dks = dk + s * ld;
         for (int64_t d = 0; d < hs; d++) dks[d] = 0.0f;
-        for (int64_t t = s; t < T; t++) {
-            const float g = dT[s * T + t];
+        for (int64_t t = s; t < n; t++) {
+            const float g = dT[s * n + t];
             for (int64_t d = 0; d < hs; d++) dks[d] += g * q[t * ld + d];
         }
     }
 }
 
-/* qkv (B, T, 3E) -> y (B, T, E); and att (B, nh, T, T), query-major as torch's, unless it is NULL
-   (the weights recomputed in the backward, or eval mode). Returns 0, or -1 when out of memory
-   (nothing written). */
-CLONED int attention_forward(int64_t B, int64_t T, int64_t nh, int64_t hs, const float *restrict qkv, float scale,
-                             float *restrict y, float *restrict att) {
+/* The positions of each sequence. With lengths NULL, every sequence has T: qkv is (B, T, 3E), y
+   (B, T, E). Otherwise sequence b has lengths[b] (0 <= lengths[b] <= T), its rows right after the
+   previous sequence's: qkv is (R, 3E) and y (R, E), R the sum of the lengths (a packed batch,
+   ops/packing.py: the live positions only). */
+static inline int64_t positions_of(const int64_t *lengths, int64_t b, int64_t T) { return lengths ? lengths[b] : T; }
+
+/* qkv -> y; and att (B, nh, T, T), query-major as torch's, zero past each sequence's length, unless
+   it is NULL (the weights recomputed in the backward, or eval mode). Returns 0, or -1 when out of
+   memory (nothing written). */
+CLONED int attention_forward(int64_t B, int64_t T, const int64_t *restrict lengths, int64_t nh, int64_t hs,
+                             const float *restrict qkv, float scale, float *restrict y, float *restrict att) {
     const int64_t E = nh * hs, ld = 3 * E;
     const int tiled = T <= TILE && hs <= TILE;
     float *scratch = tiled ? NULL : malloc((size_t)attention_scratch(T, hs) * sizeof *scratch);
     if (!tiled && !scratch) return -1;
-    for (int64_t b = 0; b < B; b++)
+    for (int64_t b = 0, row = 0; b < B; row += positions_of(lengths, b, T), b++) {
+        const int64_t n = positions_of(lengths, b, T);
         for (int64_t h = 0; h < nh; h++) {
-            const float *q = qkv + b * T * ld + h * hs, *k = q + E, *v = q + 2 * E;  /* (T, hs) at stride 3E */
-            float *yh = y + b * T * E + h * hs;  /* (T, hs) at stride E */
+            const float *q = qkv + row * ld + h * hs, *k = q + E, *v = q + 2 * E;  /* (n, hs) at stride 3E */
+            float *yh = y + row * E + h * hs;  /* (n, hs) at stride E */
             float *ah = att ? att + (b * nh + h) * T * T : NULL;  /* (T, T) */
             if (tiled)
-                tile_head_forward(T, hs, ld, E, q, k, v, scale, yh, ah);
+                tile_head_forward(n, T, hs, ld, E, q, k, v, scale, yh, ah);
             else
-                any_head_forward(T, hs, ld, E, q, k, v, scale, yh, ah, scratch);
+                any_head_forward(n, T, hs, ld, E, q, k, v, scale, yh, ah, scratch);
         }
+    }
     free(scratch);
     return 0;
 }
 
-/* dqkv (B, T, 3E), dq, dk, dv side by side as q, k, v in qkv, from dy (B, T, E) and the forward's
-   qkv and att (B, nh, T, T), or att NULL: rebuilt from q and k by the forward's code. Returns 0,
-   or -1 when out of memory (nothing written). In the forward pass this was, line by line:
+/* dqkv, dq, dk, dv side by side as q, k, v in qkv (its shape), from dy (y's shape) and the forward's
+   qkv and att (B, nh, T, T), or att NULL: rebuilt from q and k by the forward's code; sequences as
+   in the forward (lengths). Returns 0, or -1 when out of memory (nothing written). In the forward
+   pass this was, line by line:
    scores = (q @ k^T) * scale; scores = masked_fill(future, -inf); att = softmax(scores); y = att @ v. */
-CLONED int attention_backward(int64_t B, int64_t T, int64_t nh, int64_t hs, const float *restrict qkv,
-                              const float *restrict att, const float *restrict dy, float scale,
-                              float *restrict dqkv) {
+CLONED int attention_backward(int64_t B, int64_t T, const int64_t *restrict lengths, int64_t nh, int64_t hs,
+                              const float *restrict qkv, const float *restrict att, const float *restrict dy,
+                              float scale, float *restrict dqkv) {
     const int64_t E = nh * hs, ld = 3 * E;
     const int tiled = T <= TILE && hs <= TILE;
     float *scratch = tiled ? NULL : malloc((size_t)attention_scratch(T, hs) * sizeof *scratch);
     if (!tiled && !scratch) return -1;
-    for (int64_t b = 0; b < B; b++)
+    for (int64_t b = 0, row = 0; b < B; row += positions_of(lengths, b, T), b++) {
+        const int64_t n = positions_of(lengths, b, T);
         for (int64_t h = 0; h < nh; h++) {
-            const int64_t at = b * T * ld + h * hs;
-            const float *q = qkv + at, *k = q + E, *v = q + 2 * E;  /* (T, hs) at stride 3E */
-            float *dq = dqkv + at, *dk = dq + E, *dv = dq + 2 * E;  /* (T, hs) at stride 3E */
-            const float *dyh = dy + b * T * E + h * hs;  /* (T, hs) at stride E */
+            const int64_t at = row * ld + h * hs;
+            const float *q = qkv + at, *k = q + E, *v = q + 2 * E;  /* (n, hs) at stride 3E */
+            float *dq = dqkv + at, *dk = dq + E, *dv = dq + 2 * E;  /* (n, hs) at stride 3E */
+            const float *dyh = dy + row * E + h * hs;  /* (n, hs) at stride E */
             const float *ah = att ? att + (b * nh + h) * T * T : NULL;  /* (T, T) */
             if (tiled)
-                tile_head_backward(T, hs, ld, E, q, k, v, ah, dyh, scale, dq, dk, dv);
+                tile_head_backward(n, T, hs, ld, E, q, k, v, ah, dyh, scale, dq, dk, dv);
             else
-                any_head_backward(T, hs, ld, E, q, k, v, ah, dyh, scale, dq, dk, dv, scratch);
+                any_head_backward(n, T, hs, ld, E, q, k, v, ah, dyh, scale, dq, dk, dv, scratch);
         }
+    }
     free(scratch);
     return 0;
 }
