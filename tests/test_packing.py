@@ -1,5 +1,5 @@
 """Packing a batch of sequences to its live positions (ops.packing, nn PackRows/UnpackRows, the
-transformer's training_batch): which positions are live, the ops' backwards against autograd, and a
+transformer's live_batch): which positions are live, the ops' backwards against autograd, and a
 packed training pass against the whole padded batch: the same loss and gradients, judged by the
 package's verdict; a packing that drops a live position must fail that judgement."""
 
@@ -131,3 +131,18 @@ def test_eval_mode_and_a_batch_that_predicts_nothing_run_unpacked():
     assert logits.shape == (6, 9, 11) and model.live.packing is None
     with pytest.raises(ValueError, match="no predicted character"):
         model.loss_and_grads(X, torch.full_like(Y, I))
+
+
+def test_a_splits_loss_is_the_whole_batchs():
+    """evaluation.sequence_loss packs each chunk (model.live_batch); the padded words' loss is the same."""
+    import torch.nn.functional as F
+
+    from backprop_ninja.training import evaluation
+
+    model, X, Y = model_and_batch()
+    model.net.train(False)
+    padded = F.cross_entropy(model.net.forward(X).reshape(-1, 11), Y.reshape(-1), ignore_index=I)  # unpacked
+    packed = evaluation.sequence_loss(model, X, Y)
+    assert model.live.packing is None
+    assert abs(packed - padded.item()) <= 1e-6 * abs(padded.item())
+    assert packed != evaluation.sequence_loss(model, X, torch.where(Y == 3, 4, Y))  # the targets count

@@ -87,7 +87,7 @@ def model_rows(model: Model, Xb: Tensor, Yb: Tensor, dtype: torch.dtype = CHECK_
     net.train(True)
     params = {k: p.detach().to(dtype) for k, p in model.params.items()}  # copies: the model is untouched
     # the batch as training runs it (the transformer's: its live positions), for both sides
-    with net.substituted(params), model.training_batch(Xb, Yb) as (Xb, Yb):
+    with net.substituted(params), model.live_batch(Xb, Yb) as (Xb, Yb):
         # the hand-written side: the training path, recording d loss / d (each layer's output)
         douts: list[Tensor] = []
         _, loss_cache = model.loss_forward(net.forward(Xb), Yb)
@@ -134,7 +134,7 @@ def numerical_rows(
     params64 = {k: p.detach().double() for k, p in model.params.items()}  # fresh copies
     g = torch.Generator().manual_seed(seed)
     rows = []
-    with torch.no_grad(), net.substituted(params64), model.training_batch(Xb, Yb) as (Xb, Yb):
+    with torch.no_grad(), net.substituted(params64), model.live_batch(Xb, Yb) as (Xb, Yb):
         net.train(True)
 
         def loss_now() -> float:

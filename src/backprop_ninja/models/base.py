@@ -104,15 +104,16 @@ class Model:
         return F.cross_entropy(logits, Y)  # ()
 
     @contextmanager
-    def training_batch(self, X: Tensor, Y: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-        """The batch a training pass runs on, and whatever the pass needs set up for it: here the
-        batch itself (a TransformerModel trims and packs it to its live positions)."""
+    def live_batch(self, X: Tensor, Y: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batch a pass that computes its loss runs on (training, the reference passes, the
+        evaluation of a split), and whatever the pass needs set up for it: here the batch itself (a
+        TransformerModel trims and packs it to its live positions)."""
         yield X, Y
 
     def loss_and_grads(self, X: Tensor, Y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """One training-mode forward pass and the hand-written backward pass: (loss, {name: grad})."""
         self.net.train(True)
-        with self.training_batch(X, Y) as (X, Y):
+        with self.live_batch(X, Y) as (X, Y):
             logits = self.net.forward(X)  # (B, V) or (B, T, V)
             loss, loss_cache = self.loss_forward(logits, Y)  # ()
             self.net.backward(self.loss_backward(loss_cache))
@@ -125,7 +126,7 @@ class Model:
         buffers) is left exactly as it was.
         """
         leaves = {k: p.detach().clone().requires_grad_(True) for k, p in self.params.items()}
-        with torch.enable_grad(), self.net.substituted(leaves), self.training_batch(X, Y) as (X, Y):
+        with torch.enable_grad(), self.net.substituted(leaves), self.live_batch(X, Y) as (X, Y):
             self.net.train(True)
             loss = self.reference_loss(self.net.forward(X), Y)  # ()
             loss.backward()

@@ -103,7 +103,8 @@ def block(E: int, n_head: int, prefix: str, g: torch.Generator, recompute: bool 
 
 
 class TransformerModel(SequenceModel):
-    """A SequenceModel whose training passes run on the batch's live positions only (ops.packing),
+    """A SequenceModel whose passes with targets (training, evaluation) run on the batch's live
+    positions only (ops.packing),
     and whose reference passes (autograd, finite differences) can replay the dropout masks of its
     last training-mode forward pass: the function they differentiate is then the one the
     hand-written backward differentiated."""
@@ -113,7 +114,7 @@ class TransformerModel(SequenceModel):
         self.live = live  # read by the net's PackRows, UnpackRows and attention layers
 
     @contextmanager
-    def training_batch(self, X: Tensor, Y: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    def live_batch(self, X: Tensor, Y: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """The batch cut to its longest live prefix T' (B, T'), the layers set to pack its live
         positions: a position past a sequence's last prediction reaches no term of the loss (the
         attention is causal), so the loss and every gradient are those of the whole batch, and a
@@ -164,14 +165,14 @@ def build_transformer(config: TransformerConfig, g: torch.Generator, recompute: 
     def branch_dropouts(i: int) -> tuple[Dropout, Dropout] | None:
         return (Dropout(p, 0, f"h.{i}.attn.drop"), Dropout(p, 0, f"h.{i}.mlp.drop")) if p > 0 else None
 
-    live = LiveRows()  # a training pass's packing (TransformerModel.training_batch)
+    live = LiveRows()  # the packing of a pass with targets (TransformerModel.live_batch)
     blocks = [block(E, config.n_head, f"h.{i}", g, recompute, branch_dropouts(i), live)
               for i in range(config.n_layer)]
     head = [layer_norm(E, "ln_f"), linear(E, V, "lm_head", g, bias=False)]  # (R, E), (R, V)
     model = TransformerModel(config, Sequential([
         Embedding(wte, name="wte"),  # (B, T, E)
         PositionEmbedding(wpe, name="wpe"),  # (B, T, E)
-        PackRows(live),  # (R, E) the live positions (the identity outside a training pass)
+        PackRows(live),  # (R, E) the live positions (the identity in a pass without targets)
         *drop,  # (R, E)
         *blocks,  # (R, E) each
         *head,

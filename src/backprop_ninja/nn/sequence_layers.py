@@ -2,7 +2,7 @@
 the positions apart where it must.
 
     PositionEmbedding   x + P[:T], one learned vector per position
-    LiveRows            the packing of a training pass (ops.packing), shared by the layers below
+    LiveRows            the packing of a pass over a batch with targets (ops.packing), shared by the layers below
     PackRows, UnpackRows  (B, T, ...) <-> the live positions' rows (R, ...); the identity unpacked
     CausalBoW           each position averages itself and the positions before it
     RNN, GRU            a learned start state, then the cell over every position (ops.recurrent;
@@ -45,9 +45,11 @@ class PositionEmbedding(Layer):
 
 
 class LiveRows:
-    """The packing (ops.packing.Packing) of the training pass under way, or None: the one object the
+    """The packing (ops.packing.Packing) of the pass under way (a training step, or a split's loss), or
+    None: the one object the
     layers that move between (B, T, ...) and the live rows (R, ...) read, so that the model sets it
-    once a pass. Outside a packed pass (eval mode, sampling, a layer run on its own) they are the identity."""
+    once a pass. Outside a packed pass (sampling, logits without targets, a layer run on its own) they are
+    the identity."""
 
     def __init__(self) -> None:
         self.packing: packing.Packing | None = None

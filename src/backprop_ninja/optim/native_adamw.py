@@ -8,6 +8,7 @@ import ctypes
 import torch
 from torch import Tensor
 
+from backprop_ninja.native import computes_natively
 from backprop_ninja.ops.native_recurrent import load_library
 
 _i64 = ctypes.c_int64
@@ -17,17 +18,14 @@ def adamw_update(params: list[Tensor], m: list[Tensor], v: list[Tensor], grads: 
                  weight_decay: float, beta1: float, beta2: float, eps: float, t: int) -> bool:
     """optim.AdamW's step t on every parameter in one C call (sequence_kernels.c's adamw_update),
     where the library is built and each parameter, its moments and its gradient are contiguous
-    float32 CPU tensors of one shape, none recorded by autograd; False, and nothing done, otherwise.
-    The test is computes_natively's, written out for the 4 tensors of each of a model's parameters."""
+    float32 CPU tensors of one shape, none recorded by autograd; False, and nothing done, otherwise."""
     lib = load_library()
     if lib is None or len({len(params), len(m), len(v), len(grads)}) != 1:
         return False
-    float32 = torch.float32
-    for tensors in zip(params, m, v, grads):
-        shape = tensors[0].shape
-        if not all(x.is_cpu and x.dtype is float32 and x.is_contiguous() and x.shape == shape for x in tensors):
-            return False
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+    if not computes_natively([*params, *m, *v, *grads]):
+        return False
+    if any(p.shape != g.shape or p.shape != mp.shape or p.shape != vp.shape
+           for p, mp, vp, g in zip(params, m, v, grads)):
         return False
     count = len(params)
     addresses = [(ctypes.c_void_p * count)(*[x.data_ptr() for x in ts]) for ts in (params, m, v, grads)]

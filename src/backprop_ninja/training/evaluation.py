@@ -67,12 +67,14 @@ def evaluate(model: Model, dataset: Dataset) -> dict[str, float | None]:
 
 def sequence_loss(model: Model, X: torch.Tensor, Y: torch.Tensor) -> float:
     """Mean cross-entropy over the predicted characters of whole words (Y != -1), SEQUENCE_EVAL_CHUNK
-    words at a time."""
+    words at a time, each chunk as the model runs a batch with targets (model.live_batch: the
+    transformer's live positions only)."""
     device = model.device
     total, count = 0.0, 0
     for Xc, Yc in zip(X.split(SEQUENCE_EVAL_CHUNK), Y.split(SEQUENCE_EVAL_CHUNK)):
-        logits = model.logits(Xc.to(device))  # (chunk, T, V)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Yc.to(device).reshape(-1),
+        with model.live_batch(Xc.to(device), Yc.to(device)) as (Xc, Yc):
+            logits = model.logits(Xc)  # (chunk, T', V)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Yc.reshape(-1),
                               ignore_index=IGNORE_INDEX, reduction="sum")  # ()
         total += nll.double().item()
         count += int((Yc != IGNORE_INDEX).sum())
