@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 
-import torch
 from torch import Tensor
 
 from backprop_ninja.native import computes_natively
