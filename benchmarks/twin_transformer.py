@@ -15,9 +15,10 @@ makemore's and ours) do the rest. Then, as `train` ends: the split losses and 20
     python benchmarks/twin_transformer.py --per-layer --steps 60
         # where a hand-written step's time goes, layer by layer: with the C kernels (as trained), the
         # fused torch forms and the readable ops, alternated step by step; and the twin's step
-    python benchmarks/twin_transformer.py --products --steps 200 [--batch-size 512]
+    python benchmarks/twin_transformer.py --products --steps 200 [--batch-size 512] [--live]
         # the matrix products alone, as torch.mm calls at the step's shapes, against the twin's whole
-        # step: the least ratio a hand-written step with the same products can reach
+        # step: the least ratio a hand-written step with the same products can reach (--live: at the
+        # mean number of live positions a batch has, the rows of a packed step, ops.packing)
     python benchmarks/twin_transformer.py --memory --steps 20 --batch-size 512
         # training steps only (no evaluation, no sampling), each kind in a fresh process: peak RSS
         # of the hand-written step (attention weights kept, or recomputed in the backward), the twin
@@ -394,6 +395,14 @@ def products(args) -> None:
     ds, model, g = setup(args.input)
     torch.set_num_threads(args.threads or 1)
     rows = args.batch_size * model.config.block_size
+    if args.live:  # the rows a packed step's Linears run on (ops.packing): the mean over 1,000 batches
+        from backprop_ninja.ops.packing import live_packing
+
+        draws = torch.Generator().manual_seed(0)
+        counts = [live_packing(ds.train.Y[torch.randint(0, ds.train.Y.shape[0], (args.batch_size,),
+                                                        generator=draws)]).index.numel() for _ in range(1000)]
+        print(f"live positions of a batch of {args.batch_size}: mean {statistics.mean(counts):.1f} of {rows}")
+        rows = round(statistics.mean(counts))
     linears = [layer for layer in model.net.leaves() if type(layer).__name__ == "Linear"]
 
     def median_time(f, n: int = 200) -> float:
@@ -411,7 +420,8 @@ def products(args) -> None:
     for layer in linears:
         fan_in, fan_out = layer.params[layer.w_name].shape
         shapes[(fan_in, fan_out)] = shapes.get((fan_in, fan_out), 0) + 1
-    print(f"batch {args.batch_size} x block {model.config.block_size} = {rows} rows; one thread; torch.mm")
+    shape = "live positions" if args.live else f"batch {args.batch_size} x block {model.config.block_size}"
+    print(f"{shape}: {rows} rows; one thread; torch.mm")
     print(f"{'Linear':>10s} {'calls':>5s} {'forward':>9s} {'dx':>9s} {'dW':>9s} {'GFLOP/s':>8s}")
     for (fan_in, fan_out), calls in shapes.items():
         x, w, dout = torch.randn(rows, fan_in), torch.randn(fan_in, fan_out), torch.randn(rows, fan_out)
@@ -477,6 +487,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="peak RSS of the training steps alone, per kind")
     parser.add_argument("--products", action="store_true",
                         help="the least time the matrix products allow a step, against the twin's step")
+    parser.add_argument("--live", action="store_true",
+                        help="with --products: at the rows of a packed step (the batch's live positions)")
     parser.add_argument("--steps-only", choices=["hand", "hand-recompute", "twin"], help=argparse.SUPPRESS)
     parser.add_argument("train_args", nargs="*", help="more options for `backprop-ninja train` (after --)")
     args = parser.parse_args()
