@@ -225,7 +225,7 @@ def test_attention_entropy_is_recorded_per_head_and_bounded_by_the_uniform_head(
     monitor = TrainingMonitor(model, every=1)
     monitor_steps(model, monitor, steps=1)
     record = monitor.records[0]
-    assert list(record.attention) == ["layer 2 (Block)", "layer 3 (Block)"]
+    assert list(record.attention) == ["layer 3 (Block)", "layer 4 (Block)"]  # after wte, wpe and the packing
     uniform = sum(math.log(t + 1) for t in range(8)) / 8  # every head at most the uniform average over the past
     for heads in record.attention.values():
         assert len(heads) == 2 and all(0 < h <= uniform + 1e-6 for h in heads)
@@ -233,7 +233,7 @@ def test_attention_entropy_is_recorded_per_head_and_bounded_by_the_uniform_head(
     assert set(record.layernorm) == {"h.0.ln_1", "h.0.ln_2", "h.1.ln_1", "h.1.ln_2", "ln_f"}
     assert set(record.update_groups) == {"wte", "wpe", "h.0", "h.1", "lm_head"}
     text = monitor.summary()
-    assert "layer 2 (Block): attention entropy per head (nats): " in text and "group h.0: update:data log10" in text
+    assert "layer 3 (Block): attention entropy per head (nats): " in text and "group h.0: update:data log10" in text
 
 
 def test_attention_entropy_of_hand_made_weights():
@@ -266,7 +266,7 @@ def test_collapsed_attention_warns_once_per_block():
     monitor = TrainingMonitor(model, every=1)
     raised = monitor_steps(model, monitor, steps=6, lr=0.0)
     collapsed = [w for w in raised if "collapsed onto one position" in w]
-    assert len(collapsed) == 2 and collapsed[0].startswith("warning: layer 2 (Block): attention head(s) 0, 1")
+    assert len(collapsed) == 2 and collapsed[0].startswith("warning: layer 3 (Block): attention head(s) 0, 1")
 
 
 def test_vanishing_layernorm_gradients_warn():
@@ -291,4 +291,4 @@ def test_transformer_plots_include_attention_entropy_and_layer_groups(tmp_path):
     import json
 
     records = json.loads(path.read_text())["records"]
-    assert len(records[0]["attention"]["layer 2 (Block)"]) == 2 and "ln_f" in records[0]["layernorm"]
+    assert len(records[0]["attention"]["layer 3 (Block)"]) == 2 and "ln_f" in records[0]["layernorm"]
