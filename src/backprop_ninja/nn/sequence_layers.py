@@ -63,8 +63,11 @@ class LiveRows:
             self.packing = None
 
 
-class PackRows(Layer):
-    """(B, T, ...) -> the live positions' rows (R, ...) in a packed pass; the identity otherwise."""
+class Repacking(Layer):
+    """A move between (B, T, ...) and a packed pass's live rows (R, ...) by an op pair of ops.packing;
+    the identity outside a packed pass."""
+
+    op_forward = op_backward = None  # the pair, each subclass its own
 
     def __init__(self, live: LiveRows) -> None:
         super().__init__()
@@ -74,37 +77,26 @@ class PackRows(Layer):
         if self.live.packing is None:
             self.cache = None
             return x
-        rows, self.cache = packing.pack_forward(x, self.live.packing)  # (R, ...)
-        return rows
-
-    def backward(self, dout: Tensor) -> Tensor:
-        # In the forward pass this was: rows = x[live] (or x itself, unpacked)
-        return dout if self.cache is None else packing.pack_backward(dout, self.cache)  # (B, T, ...)
-
-    def __repr__(self) -> str:
-        return "PackRows()"
-
-
-class UnpackRows(Layer):
-    """The live rows (R, ...) -> (B, T, ...), zeros at the dead positions, in a packed pass; the identity otherwise."""
-
-    def __init__(self, live: LiveRows) -> None:
-        super().__init__()
-        self.live = live
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.live.packing is None:
-            self.cache = None
-            return x
-        out, self.cache = packing.unpack_forward(x, self.live.packing)  # (B, T, ...)
+        out, self.cache = type(self).op_forward(x, self.live.packing)
         return out
 
     def backward(self, dout: Tensor) -> Tensor:
-        # In the forward pass this was: out[live] = rows, zeros elsewhere (or x itself, unpacked)
-        return dout if self.cache is None else packing.unpack_backward(dout, self.cache)  # (R, ...)
+        return dout if self.cache is None else type(self).op_backward(dout, self.cache)
 
     def __repr__(self) -> str:
-        return "UnpackRows()"
+        return f"{type(self).__name__}()"
+
+
+class PackRows(Repacking):
+    """(B, T, ...) -> the live positions' rows (R, ...): rows = x[live]; backward: zeros at the dead positions."""
+
+    op_forward, op_backward = staticmethod(packing.pack_forward), staticmethod(packing.pack_backward)
+
+
+class UnpackRows(Repacking):
+    """The live rows (R, ...) -> (B, T, ...): out[live] = rows, zeros elsewhere; backward: the live rows of dout."""
+
+    op_forward, op_backward = staticmethod(packing.unpack_forward), staticmethod(packing.unpack_backward)
 
 
 class CausalBoW(Layer):
