@@ -104,10 +104,9 @@ def block(E: int, n_head: int, prefix: str, g: torch.Generator, recompute: bool 
 
 class TransformerModel(SequenceModel):
     """A SequenceModel whose passes with targets (training, evaluation) run on the batch's live
-    positions only (ops.packing),
-    and whose reference passes (autograd, finite differences) can replay the dropout masks of its
-    last training-mode forward pass: the function they differentiate is then the one the
-    hand-written backward differentiated."""
+    positions only (ops.packing), and whose reference passes (autograd, finite differences) can
+    replay the dropout masks of its last training-mode forward pass: the function they
+    differentiate is then the one the hand-written backward differentiated."""
 
     def __init__(self, config: TransformerConfig, net: Sequential, live: LiveRows) -> None:
         super().__init__(config, net)

@@ -3,7 +3,7 @@
     layers.py      Embedding, FlattenConsecutive, Linear, BatchNorm1d, Tanh: each owns its parameters,
                    buffers and the cache of its last forward pass
     sequence_layers.py  PositionEmbedding, CausalBoW, RNN, GRU: the sequence models' layers; PackRows,
-                   UnpackRows and LiveRows: a training pass on the live positions only (ops.packing)
+                   UnpackRows and LiveRows: a pass with targets on the live positions only (ops.packing)
     containers.py  Sequential, and Residual (x + branch(x): the two paths' gradients summed)
     transformer_layers.py  LayerNorm, GELU, CausalSelfAttention, Dropout, Branch, Block: the transformer's
 """

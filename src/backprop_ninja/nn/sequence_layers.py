@@ -45,11 +45,10 @@ class PositionEmbedding(Layer):
 
 
 class LiveRows:
-    """The packing (ops.packing.Packing) of the pass under way (a training step, or a split's loss), or
-    None: the one object the
-    layers that move between (B, T, ...) and the live rows (R, ...) read, so that the model sets it
-    once a pass. Outside a packed pass (sampling, logits without targets, a layer run on its own) they are
-    the identity."""
+    """The packing (ops.packing.Packing) of the pass under way (a training step, or a split's loss),
+    or None: the one object the layers that move between (B, T, ...) and the live rows (R, ...)
+    read, so that the model sets it once a pass. Outside a packed pass (sampling, logits without
+    targets, a layer run on its own) they are the identity."""
 
     def __init__(self) -> None:
         self.packing: packing.Packing | None = None

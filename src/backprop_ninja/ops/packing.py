@@ -4,8 +4,9 @@ A word of n characters fills n + 1 positions of its row; the rest of the block i
 targets are IGNORE_INDEX. Position t of a sequence is *live* when the loss predicts a character at
 t or after it: in a causal model nothing at a later position reaches an earlier one, so a position
 past the last predicted one reaches no term of the loss, and its gradient is exactly zero.
-A pass that computes the loss (a training step, a split's evaluation) may run its position-wise layers (LayerNorm, Linear, GELU, dropout) on the live
-rows only, and put them back in their (B, T) places where positions meet (the attention).
+A pass that computes the loss (a training step, a split's evaluation) may run its position-wise
+layers (LayerNorm, Linear, GELU, dropout) on the live rows only, and put them back in their (B, T)
+places where positions meet (the attention).
 
     packing = live_packing(Y)                   # Y (B, T) targets -> which positions are live
     rows, cache = pack_forward(x, packing)      # (B, T', ...) -> (R, ...)   T' = packing.positions
