@@ -271,6 +271,20 @@ def test_packed_heads_fall_back_to_the_torch_forms_on_the_padded_form():
         assert verdict.right, verdict.reason
 
 
+def test_a_strided_gradient_of_packed_heads_runs_the_torch_backward():
+    """The C forward's cache with a dy the C code does not take: the torch forms on the padded form."""
+    from backprop_ninja.ops.packing import pack_forward
+
+    qkv, dy, nh, packing = packed_inputs(*PACKED["tiles"])
+    rows, dy_rows = pack_forward(qkv, packing)[0], pack_forward(dy, packing)[0]
+    y, cache = native_transformer.heads_forward(rows, nh, packing=packing)
+    assert isinstance(cache, HeadsCache)
+    strided = dy_rows.T.contiguous().T  # the same values, not contiguous
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(native_transformer.heads_backward(strided, cache),
+                               native_transformer.heads_backward(dy_rows, cache), rtol=1e-5, atol=1e-5)
+
+
 def test_packed_heads_with_rows_of_another_count_run_the_torch_forms():
     """A packing whose rows are not qkv's: the C code is not handed it (it would read past qkv)."""
     from backprop_ninja.ops.packing import pack_forward

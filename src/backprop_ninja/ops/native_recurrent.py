@@ -202,4 +202,3 @@ def _like(dout: Tensor, out: Tensor) -> Tensor:
         raise ValueError(f"the gradient of a recurrent layer's output must be {out.dtype} {tuple(out.shape)}, "
                          f"got {dout.dtype} {tuple(dout.shape)}")
     return dout.contiguous()
-

@@ -254,9 +254,7 @@ def heads_backward(dy: Tensor, cache: Heads) -> Tensor:
         if packing is None:
             return fused_transformer.fused_heads_backward(dy, torch_heads_cache(cache))
         unpacked = cache._replace(qkv=unpack_forward(qkv, packing)[0], packing=None)  # (B, T, 3E)
-        dy = pack_backward(dy, PackCache(packing))  # (B, T, E)
-        dqkv = fused_transformer.fused_heads_backward(dy, torch_heads_cache(unpacked))  # (B, T, 3E)
-        return unpack_backward(dqkv, UnpackCache(packing))  # (R, 3E)
+        return heads_backward(dy, UnpackedHeadsCache(torch_heads_cache(unpacked), packing))  # (R, 3E)
     B, T = (packing.batch, packing.positions) if packing is not None else qkv.shape[:2]
     dqkv = torch.empty_like(qkv)  # (B, T, 3E) or (R, 3E)
     _checked(lib.attention_backward(B, T, packing.lengths.data_ptr() if packing is not None else None, n_head,

@@ -426,7 +426,7 @@ static inline __attribute__((always_inline)) void any_head_backward(int64_t n, i
     }
     for (int64_t t = 0; t < n; t++)
         for (int64_t d = 0; d < hs; d++) dyT[d * n + t] = dy[t * E + d];  /* (hs, n) */
-    /* In the forward pass this was: y = att @ v: datt = dy @ v^n (dT, transposed as attT), dv = att^n @ dy */
+    /* In the forward pass this was: y = att @ v: datt = dy @ v^T (dT, transposed as attT), dv = att^T @ dy */
     for (int64_t s = 0; s < n; s++) {
         float *row = dT + s * n;
         for (int64_t t = s; t < n; t++) row[t] = 0.0f;
@@ -446,7 +446,7 @@ static inline __attribute__((always_inline)) void any_head_backward(int64_t n, i
     for (int64_t t = 0; t < n; t++) r[t] = 0.0f;
     for (int64_t s = 0; s < n; s++)
         for (int64_t t = s; t < n; t++) r[t] += dT[s * n + t] * attT[s * n + t];
-    /* In the forward pass this was: scores = (q @ k^n) * scale */
+    /* In the forward pass this was: scores = (q @ k^T) * scale */
     for (int64_t s = 0; s < n; s++)
         for (int64_t t = s; t < n; t++) dT[s * n + t] = attT[s * n + t] * (dT[s * n + t] - r[t]) * scale;
     for (int64_t t = 0; t < n; t++) {  /* dq = dscores @ k: query t from the keys s <= t */
@@ -457,7 +457,7 @@ static inline __attribute__((always_inline)) void any_head_backward(int64_t n, i
             for (int64_t d = 0; d < hs; d++) dqt[d] += g * k[s * ld + d];
         }
     }
-    for (int64_t s = 0; s < n; s++) {  /* dk = dscores^n @ q: key s from the queries t >= s */
+    for (int64_t s = 0; s < n; s++) {  /* dk = dscores^T @ q: key s from the queries t >= s */
         float *dks = dk + s * ld;
         for (int64_t d = 0; d < hs; d++) dks[d] = 0.0f;
         for (int64_t t = s; t < n; t++) {
