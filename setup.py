@@ -35,7 +35,7 @@ setup(
         Extension("backprop_ninja.training._stack_step", [f"{HERE}/stack_step.c"], depends=SHARED,
                   extra_compile_args=FLAGS, optional=True),
         Extension("backprop_ninja.ops._transformer_kernels", ["src/backprop_ninja/ops/transformer_kernels.c"],
-                  depends=[CLONES], extra_compile_args=FLAGS, optional=True),
+                  depends=SHARED, extra_compile_args=FLAGS, optional=True),
         Extension("backprop_ninja.ops._sequence_kernels", ["src/backprop_ninja/ops/sequence_kernels.c"],
                   depends=SHARED, extra_compile_args=FLAGS, optional=True),
     ],

@@ -248,7 +248,8 @@ def readable_forms() -> dict:
         dqkv = ops.split_heads_backward(dq, dk, dv, split)  # (B, T, 3E)
         return dqkv if packing is None else packing_ops.unpack_backward(dqkv, packing_ops.UnpackCache(packing))
 
-    return {"layernorm_forward": lambda x, w, b, eps=ops.LAYERNORM_EPS, keep=True: ops.layernorm_forward(x, w, b, eps),
+    return {"linear_forward": ops.linear_forward, "linear_backward": ops.linear_backward,
+            "layernorm_forward": lambda x, w, b, eps=ops.LAYERNORM_EPS, keep=True: ops.layernorm_forward(x, w, b, eps),
             "layernorm_backward": ops.layernorm_backward,
             "gelu_forward": lambda x, keep=True: ops.gelu_forward(x), "gelu_backward": ops.gelu_backward,
             "heads_forward": heads_forward, "heads_backward": heads_backward}
@@ -387,10 +388,14 @@ def peak_gflops() -> float | None:
 def products(args) -> None:
     """The least time a step with the twin's matrix products can take: each Linear's three
     products (out = x @ W, dx = dout @ W.T, dW = x.T @ dout) timed as torch.mm calls on one thread
-    at the step's shapes, summed over the layers, against the twin's whole step; and the same
-    FLOPs at the core's peak rate (PEAK_C). The attention's own products (q @ k.T and its four in
-    the backward, 3% of the FLOPs) are left out, so the bound is if anything low."""
+    at the step's shapes, summed over the layers, against the twin's whole step; the same products
+    in C as `train` runs them (native_transformer.linear_forward and linear_backward, without a
+    bias); and the same FLOPs at the core's peak rate (PEAK_C). The attention's own products
+    (q @ k.T and its four in the backward, 3% of the FLOPs) are left out, so the bound is if
+    anything low."""
     import time
+
+    from backprop_ninja.ops import native_transformer
 
     ds, model, g = setup(args.input)
     torch.set_num_threads(args.threads or 1)
@@ -416,23 +421,29 @@ def products(args) -> None:
             ts.append((time.perf_counter() - t) / n)
         return statistics.median(ts)
 
-    seconds, flops, shapes = 0.0, 0, {}
+    seconds, c_seconds, flops, shapes = 0.0, 0.0, 0, {}
     for layer in linears:
         fan_in, fan_out = layer.params[layer.w_name].shape
         shapes[(fan_in, fan_out)] = shapes.get((fan_in, fan_out), 0) + 1
     shape = "live positions" if args.live else f"batch {args.batch_size} x block {model.config.block_size}"
     print(f"{shape}: {rows} rows; one thread; torch.mm")
-    print(f"{'Linear':>10s} {'calls':>5s} {'forward':>9s} {'dx':>9s} {'dW':>9s} {'GFLOP/s':>8s}")
+    print(f"{'Linear':>10s} {'calls':>5s} {'forward':>9s} {'dx':>9s} {'dW':>9s} {'GFLOP/s':>8s} "
+          f"{'C forward':>10s} {'C dx + dW':>10s} {'GFLOP/s':>8s}")
     for (fan_in, fan_out), calls in shapes.items():
         x, w, dout = torch.randn(rows, fan_in), torch.randn(fan_in, fan_out), torch.randn(rows, fan_out)
         out, dx, dw = torch.empty(rows, fan_out), torch.empty(rows, fan_in), torch.empty(fan_in, fan_out)
         wT, xT = w.T.contiguous(), x.T.contiguous()  # as the step hands them to the BLAS: no copy timed
         t = [median_time(lambda: torch.mm(x, w, out=out)), median_time(lambda: torch.mm(dout, wT, out=dx)),
              median_time(lambda: torch.mm(xT, dout, out=dw))]
+        cache = native_transformer.linear_forward(x, w)[1]
+        c = [median_time(lambda: native_transformer.linear_forward(x, w)),
+             median_time(lambda: native_transformer.linear_backward(dout, cache))]
         layer_flops = 3 * 2 * rows * fan_in * fan_out
         print(f"{fan_in:>4d}x{fan_out:<5d} {calls:5d} {t[0] * 1e6:7.1f}us {t[1] * 1e6:7.1f}us {t[2] * 1e6:7.1f}us "
-              f"{layer_flops / sum(t) / 1e9:8.1f}")
+              f"{layer_flops / sum(t) / 1e9:8.1f} {c[0] * 1e6:8.1f}us {c[1] * 1e6:8.1f}us "
+              f"{layer_flops / sum(c) / 1e9:8.1f}")
         seconds += calls * sum(t)
+        c_seconds += calls * sum(c)
         flops += calls * layer_flops
 
     twin = twin_of(model)
@@ -452,6 +463,8 @@ def products(args) -> None:
           f"({flops / seconds / 1e9:.1f} GFLOP/s)")
     print(f"the twin's whole step (forward, backward, AdamW): {twin_seconds * 1e3:.2f} ms")
     print(f"bound: a step with these products takes at least {seconds / twin_seconds:.3f}x the twin's")
+    print(f"in C: {c_seconds * 1e3:.2f} ms ({flops / c_seconds / 1e9:.1f} GFLOP/s), "
+          f"{c_seconds / twin_seconds:.3f}x the twin's step")
     if peak is not None:
         at_peak = flops / (peak * 1e9)
         print(f"at the core's peak ({peak:.1f} GFLOP/s, PEAK_C): {at_peak * 1e3:.2f} ms, "

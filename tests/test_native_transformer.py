@@ -1,7 +1,7 @@
 """The transformer's C kernels (ops/native_transformer.py, ops/transformer_kernels.c) against the readable ops.
 
 Each kernel's float32 result is judged by the package's one verdict against the readable op
-(ops.layernorm, ops.gelu, ops.attention) computed in float64 on the same numbers
+(ops.linear, ops.layernorm, ops.gelu, ops.attention) computed in float64 on the same numbers
 (judge_float64_truth: the truth rounded to float32, within float32's rounding bound of the scale),
 on odd shapes: T = 1, head size 1, widths that leave every vector loop a remainder, shapes past
 the attention's 16 x 16 tiles (its other code), inputs x100. The tests must be able to fail: a
@@ -60,6 +60,73 @@ def assert_right(mine: list[Tensor], truths: list[Tensor]) -> None:
         slipped = m.clone()
         slipped.view(-1)[m.numel() // 2] += 1e-3 * gradient_scale(truth, scale_floor(truths))
         assert wrong_verdicts(mine[:i] + [slipped] + mine[i + 1:], truths), f"result {i}: a slip passed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear: the products of the transformer's Linears (one torch thread, as conftest sets)
+
+
+def linear_results(x: Tensor, w: Tensor, b: Tensor | None, dout: Tensor):
+    out, cache = native_transformer.linear_forward(x, w, b)
+    return [out, *(grad for grad in native_transformer.linear_backward(dout, cache) if grad is not None)]
+
+
+def linear_truths(x: Tensor, w: Tensor, b: Tensor | None, dout: Tensor):
+    out, cache = ops.linear_forward(x.double(), w.double(), b.double() if b is not None else None)
+    return [out, *(grad for grad in ops.linear_backward(dout.double(), cache) if grad is not None)]
+
+
+# x's shape and fan-out: makemore's four Linears and its head at a packed batch's rows, a 3-D input,
+# widths that leave every block of columns a remainder, one entry, and more rows than a pass of dw's sum
+LINEAR_SHAPES = {"qkv": ((228, 64), 192), "att proj": ((228, 64), 64), "fc": ((228, 64), 256),
+                 "mlp proj": ((228, 256), 64), "head": ((228, 64), 27), "3-D": ((3, 5, 33), 17),
+                 "one": ((1, 1), 1), "rows past KC": ((300, 8), 40)}
+
+
+def linear_inputs(shape, scale: float, bias: bool = True, seed: int = 5):
+    (*rows, F), H = shape
+    g = torch.Generator().manual_seed(seed)
+    x, w = rand(*rows, F, g=g) * scale, rand(F, H, g=g) / math.sqrt(F)
+    return x, w, rand(H, g=g) if bias else None, rand(*rows, H, g=g)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("scale", [1.0, LARGE], ids=["x1", "x100"])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+def test_linear_kernels_are_the_readable_op(shape, scale, bias):
+    inputs = linear_inputs(LINEAR_SHAPES[shape], scale, bias)
+    mine = linear_results(*inputs)
+    assert len(mine) == (4 if bias else 3)
+    assert_right(mine, linear_truths(*inputs))
+
+
+def test_a_linear_kernel_that_drops_the_bias_or_reads_w_untransposed_is_wrong():
+    x, w, b, dout = linear_inputs(((9, 12), 12), 1.0)
+    lib = native_transformer.load_library()
+    out, dx, dw, db = (torch.empty_like(t) for t in (dout, x, w, b))
+    lib.linear_forward(9, 12, 12, x.data_ptr(), w.data_ptr(), None, out.data_ptr())  # the bias left out
+    truth_out, truth_dx, truth_dw, truth_db = linear_truths(x, w, b, dout)
+    assert wrong_verdicts([out], [truth_out]) and not wrong_verdicts([out + b], [truth_out])
+    wT = w.T.contiguous()  # a square w read as its transpose: dx = dout @ w
+    assert lib.linear_backward(9, 12, 12, dout.data_ptr(), x.data_ptr(), wT.data_ptr(), dx.data_ptr(),
+                               dw.data_ptr(), db.data_ptr()) == 0
+    assert wrong_verdicts([dx], [truth_dx]) and not wrong_verdicts([dw, db], [truth_dw, truth_db])
+
+
+def test_on_more_threads_the_linears_run_torchs_products(monkeypatch):
+    """torch's BLAS splits a product between threads; the C code is single-threaded."""
+    from backprop_ninja.threads import torch_threads
+
+    calls = []
+    for name in ("linear_forward", "linear_backward"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, op=op, name=name: calls.append(name) or op(*args))
+    x, w, b, dout = linear_inputs(LINEAR_SHAPES["qkv"], 1.0)
+    native_transformer.linear_backward(dout, native_transformer.linear_forward(x, w, b)[1])
+    assert calls == []  # on one thread, the C products
+    with torch_threads(2):
+        native_transformer.linear_backward(dout, native_transformer.linear_forward(x, w, b)[1])
+    assert calls == ["linear_forward", "linear_backward"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,16 +394,19 @@ def torch_forms(x: Tensor, qkv: Tensor, dy: Tensor, weight: Tensor, bias: Tensor
     out, cache = fused_transformer.fused_layernorm_forward(x, weight, bias)
     g_out, g_cache = fused_transformer.fused_gelu_forward(x)
     h_out, h_cache = fused_transformer.fused_heads_forward(qkv, 2)
+    l_out, l_cache = ops.linear_forward(x, torch.outer(weight, bias), bias)  # a (6, 6) w
     return [out, *ops.layernorm_backward(x, cache), g_out, fused_transformer.fused_gelu_backward(x, g_cache), h_out,
-            fused_transformer.fused_heads_backward(dy, h_cache)]
+            fused_transformer.fused_heads_backward(dy, h_cache), l_out, *ops.linear_backward(x, l_cache)]
 
 
 def native_forms(x: Tensor, qkv: Tensor, dy: Tensor, weight: Tensor, bias: Tensor) -> list[Tensor]:
     out, cache = native_transformer.layernorm_forward(x, weight, bias)
     g_out, g_cache = native_transformer.gelu_forward(x)
     h_out, h_cache = native_transformer.heads_forward(qkv, 2)
+    l_out, l_cache = native_transformer.linear_forward(x, torch.outer(weight, bias), bias)
     return [out, *native_transformer.layernorm_backward(x, cache), g_out, native_transformer.gelu_backward(x, g_cache),
-            h_out, native_transformer.heads_backward(dy, h_cache)]
+            h_out, native_transformer.heads_backward(dy, h_cache), l_out,
+            *native_transformer.linear_backward(x, l_cache)]
 
 
 def small_inputs(dtype=F32):
@@ -471,4 +541,4 @@ def test_the_kernels_are_clean_under_address_and_undefined_behaviour_sanitizers(
                     "-fno-omit-frame-pointer", "-Wno-psabi", str(source), "-o", str(binary), "-lm"], check=True)
     done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == "sanitized: 11 shapes clean"
+    assert done.stdout.strip() == "sanitized: 17 shapes clean"

@@ -5,7 +5,9 @@
  * past any of them stops the run. The shapes leave the vector loops remainders (widths of 1, 7, 67),
  * run the attention's 16 x 16 tiles (T, hs <= 16: full ones, and partial ones down to T = 1 and
  * hs = 1) and its other code (T or hs past 16); every kernel runs with its caches and without (eval
- * mode), the attention backward from kept weights and recomputing them. */
+ * mode), the attention backward from kept weights and recomputing them. The Linears' products run on
+ * widths below, at and past their blocks of columns, with a bias and without, and on more rows
+ * than one pass of dw's sum (KC). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,6 +47,21 @@ static int elementwise(int64_t n, int64_t R, int64_t E) {
     return ok;
 }
 
+/* A Linear of R rows, F in, H out, with a bias and without: 1 when every result is finite. */
+static int linear(int64_t R, int64_t F, int64_t H) {
+    float *x = floats(R * F, 30), *w = floats(F * H, 31), *b = floats(H, 32), *out = floats(R * H, 33);
+    float *dout = floats(R * H, 34), *dx = floats(R * F, 35), *dw = floats(F * H, 36), *db = floats(H, 37);
+    linear_forward(R, F, H, x, w, b, out);
+    int ok = all_finite(out, R * H);
+    linear_forward(R, F, H, x, w, NULL, out);
+    ok &= all_finite(out, R * H);
+    ok &= linear_backward(R, F, H, dout, x, w, dx, dw, db) == 0;
+    ok &= linear_backward(R, F, H, dout, x, w, dx, dw, NULL) == 0;
+    ok &= all_finite(dx, R * F) && all_finite(dw, F * H) && all_finite(db, H);
+    free(x), free(w), free(b), free(out), free(dout), free(dx), free(dw), free(db);
+    return ok;
+}
+
 /* The heads of B examples of T positions, nh heads of hs features, or (lengths given) of a packed
    batch, sequence b of lengths[b] positions, its buffers exactly R rows: 1 when every result is finite. */
 static int heads(int64_t B, int64_t T, const int64_t *lengths, int64_t nh, int64_t hs) {
@@ -76,6 +93,9 @@ int main(void) {
     int shapes = 0, ok = 1;
     const int64_t widths[][3] = {{1, 1, 1}, {7, 7, 1}, {131, 3, 67}, {4096, 64, 64}};  /* n; R, E */
     for (int i = 0; i < 4; i++, shapes++) ok &= elementwise(widths[i][0], widths[i][1], widths[i][2]);
+    const int64_t linears[][3] = {{1, 1, 1}, {7, 3, 15}, {228, 64, 27}, {229, 64, 192}, {5, 33, 67},
+                                  {300, 256, 64}};  /* R, F, H */
+    for (int i = 0; i < 6; i++, shapes++) ok &= linear(linears[i][0], linears[i][1], linears[i][2]);
     const int64_t shape[][4] = {{2, 1, 2, 3}, {3, 4, 3, 1}, {2, 16, 4, 16}, {1, 5, 2, 3},  /* tiles */
                                 {2, 17, 2, 16}, {1, 16, 1, 17}, {5, 9, 2, 20}};  /* the other code */
     for (int i = 0; i < 7; i++, shapes++) ok &= heads_both_ways(shape[i][0], shape[i][1], shape[i][2], shape[i][3]);

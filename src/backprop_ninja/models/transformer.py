@@ -34,6 +34,7 @@ from backprop_ninja.nn import (
     GELU, Block, Branch, CausalSelfAttention, Dropout, Embedding, LayerNorm, Linear, LiveRows, PackRows,
     PositionEmbedding, Sequential, UnpackRows,
 )
+from backprop_ninja.ops import native_transformer
 from backprop_ninja.ops.packing import live_packing
 
 # the keys of a block's intermediates, in forward order: the rows `check --model` prints
@@ -76,7 +77,7 @@ def layer_norm(E: int, prefix: str) -> LayerNorm:
 
 def linear(fan_in: int, fan_out: int, prefix: str, g: torch.Generator, bias: bool = True) -> Linear:
     w, b = torch_linear_init(fan_in, fan_out, g) if bias else (torch_linear_init(fan_in, fan_out, g)[0], None)
-    return Linear(w, b, names=(f"{prefix}.weight", f"{prefix}.bias"))  # (F, H), (H,)
+    return Linear(w, b, names=(f"{prefix}.weight", f"{prefix}.bias"), kernels=native_transformer)  # (F, H), (H,)
 
 
 def block(E: int, n_head: int, prefix: str, g: torch.Generator, recompute: bool = False,

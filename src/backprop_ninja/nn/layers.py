@@ -14,6 +14,7 @@ Containers (nn.containers) run the layers' backwards in reverse order and merge 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -82,22 +83,27 @@ class FlattenConsecutive(Layer):
 
 
 class Linear(Layer):
-    """out = x @ W + b, with W of shape (fan_in, fan_out) as in the lectures."""
+    """out = x @ W + b, with W of shape (fan_in, fan_out) as in the lectures.
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, names: tuple[str, str] = ("W", "b")) -> None:
+    `kernels` is where the layer finds its linear_forward and linear_backward: the readable ops by
+    default; the transformer gives ops.native_transformer, whose products run in C where they can."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, names: tuple[str, str] = ("W", "b"),
+                 kernels: ModuleType = ops) -> None:
         super().__init__()
         self.w_name, self.b_name = names
         self.params = {self.w_name: weight}
         if bias is not None:
             self.params[self.b_name] = bias
+        self.kernels = kernels
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.params[self.w_name], self.params.get(self.b_name)
-        out, self.cache = ops.linear_forward(x, w, b)  # (..., fan_out)
+        out, self.cache = self.kernels.linear_forward(x, w, b)  # (..., fan_out)
         return out
 
     def backward(self, dout: Tensor) -> Tensor:
-        dx, dw, db = ops.linear_backward(dout, self.cache)
+        dx, dw, db = self.kernels.linear_backward(dout, self.cache)
         self.grads = {self.w_name: dw}
         if db is not None:
             self.grads[self.b_name] = db

@@ -1,9 +1,9 @@
-"""The transformer's non-product ops in C (ops/transformer_kernels.c), with the torch forms as fallback.
+"""The transformer's ops in C (ops/transformer_kernels.c), with the torch forms as fallback.
 
-GELU, LayerNorm and the heads of causal self-attention, each forward and its hand-written backward
-one C function of one pass (and dropout's forward, its masks drawn in the same pass), called
+Its Linears, GELU, LayerNorm and the heads of causal self-attention, each forward and its
+hand-written backward one C function (and dropout's forward, its masks drawn in the same pass), called
 through ctypes on the tensors' own storage: the maths of ops.gelu, ops.layernorm, ops.attention and
-ops.dropout term for term (the C file quotes their lines), in float32, where the torch forms
+ops.dropout term for term, and ops.linear's products (the C file quotes their lines), in float32, where the torch forms
 (ops.fused_transformer) dispatch an op, and make a tensor, per line. The
 attention reads q, k, v straight from the qkv Linear's (B, T, 3E) output and writes y as (B, T, E)
 and the gradient as (B, T, 3E): the split and merge copies go too. docs/speed.md has the figures.
@@ -16,6 +16,8 @@ so either backward reads either forward's; the attention's is HeadsCache on the 
 fused_transformer.AttentionCache on torch's. tests/test_native_transformer.py holds each kernel to
 the readable op through the verdict.
 
+    out, cache = linear_forward(x, w, b)              # (..., F) -> (..., H)
+    dx, dw, db = linear_backward(dout, cache)
     out, cache = layernorm_forward(x, weight, bias)   # (..., E)
     dx, dweight, dbias = layernorm_backward(dout, cache)
     out, cache = gelu_forward(x)                      # (..., H)
@@ -45,12 +47,13 @@ from backprop_ninja.ops.dropout import DropoutCache
 from backprop_ninja.ops.fused_transformer import AttentionCache
 from backprop_ninja.ops.gelu import GELU_BETA, GELU_KAPPA, GELUCache
 from backprop_ninja.ops.layernorm import LAYERNORM_EPS, LayerNormCache
+from backprop_ninja.ops.linear import LinearCache
 from backprop_ninja.ops.packing import (
     PackCache, Packing, UnpackCache, pack_backward, pack_forward, unpack_backward, unpack_forward,
 )
 
 LIBRARY_STEM = "_transformer_kernels"  # setup.py builds backprop_ninja/ops/_transformer_kernels<suffix>
-ABI = 3  # transformer_kernels_abi(): a library built for other arguments (or without packing) is not loaded
+ABI = 4  # transformer_kernels_abi(): a library built for other arguments (or without the Linears) is not loaded
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -67,6 +70,8 @@ def load_library() -> ctypes.CDLL | None:
     if not lib.transformer_kernels_are_vectorized():
         return None
     signatures = {
+        "linear_forward": ([_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr], None),
+        "linear_backward": ([_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr], ctypes.c_int),
         "gelu_forward": ([_i64, _ptr, _f32, _f32, _ptr, _ptr], None),
         "gelu_backward": ([_i64, _ptr, _ptr, _ptr, _f32, _f32, _ptr], None),
         "layernorm_forward": ([_i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr], ctypes.c_int),
@@ -93,6 +98,43 @@ def _library_for(*tensors: Tensor) -> ctypes.CDLL | None:
 def _checked(status: int) -> None:
     if status != 0:
         raise MemoryError("the transformer kernels could not allocate their scratch memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear: out = x @ w + b, w (F, H) (ops.linear)
+
+
+def _products_library(*tensors: Tensor) -> ctypes.CDLL | None:
+    """The library for a Linear's products: on one torch thread only. On more, torch's BLAS splits
+    a product between them, which this single-threaded code does not (threads.threads_for gives a
+    step more threads by its work)."""
+    return _library_for(*tensors) if torch.get_num_threads() == 1 else None
+
+
+def linear_forward(x: Tensor, w: Tensor, b: Tensor | None = None) -> tuple[Tensor, LinearCache]:
+    """ops.linear_forward with the C product: out = x @ w + b, (..., F) -> (..., H)."""
+    lib = _products_library(x, w, *([b] if b is not None else []))
+    F, H = w.shape if w.ndim == 2 else (-1, -1)
+    if lib is None or x.ndim < 2 or x.shape[-1] != F or F == 0 or (b is not None and b.shape != (H,)):
+        return ops.linear_forward(x, w, b)  # torch's product, or the op's own error
+    out = x.new_empty(*x.shape[:-1], H)  # (..., H)
+    lib.linear_forward(x.numel() // F, F, H, x.data_ptr(), w.data_ptr(), b.data_ptr() if b is not None else None,
+                       out.data_ptr())
+    return out, LinearCache(x, w, b is not None)
+
+
+def linear_backward(dout: Tensor, cache: LinearCache) -> tuple[Tensor, Tensor, Tensor | None]:
+    """ops.linear_backward with the C products: dx = dout @ w.T, dw = x.T @ dout, db = dout.sum(0)."""
+    x, w, has_bias = cache
+    lib = _products_library(dout, x, w)
+    F, H = w.shape
+    if lib is None or dout.shape != (*x.shape[:-1], H):
+        return ops.linear_backward(dout, cache)
+    dx, dw = torch.empty_like(x), torch.empty_like(w)  # (..., F), (F, H)
+    db = w.new_empty(H) if has_bias else None  # (H,)
+    _checked(lib.linear_backward(x.numel() // F, F, H, dout.data_ptr(), x.data_ptr(), w.data_ptr(), dx.data_ptr(),
+                                 dw.data_ptr(), db.data_ptr() if has_bias else None))
+    return dx, dw, db
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,21 +1,23 @@
 /*
- * The transformer's ops other than its matrix products, in plain C: GELU, LayerNorm and the heads
- * of causal self-attention, each forward beside its hand-written backward. ops/native_transformer.py
- * calls them through ctypes on the storage of contiguous float32 CPU tensors; elsewhere (float64,
- * CUDA, no compiler) the layers take the torch forms of ops/fused_transformer.py.
+ * The transformer's ops in plain C: its Linears' matrix products, GELU, LayerNorm and the heads of
+ * causal self-attention, each forward beside its hand-written backward, and dropout's forward.
+ * ops/native_transformer.py calls them through ctypes on the storage of contiguous float32 CPU
+ * tensors; elsewhere (float64, CUDA, no compiler) the layers take the torch forms of
+ * ops/fused_transformer.py, and the Linears ops/linear.py.
  *
- * Each function computes what the readable op computes (ops/gelu.py, ops/layernorm.py,
- * ops/attention.py), whose lines the comments quote, in float32, each output in one pass where
- * torch needs a dispatched op per line and a fresh tensor per op (docs/speed.md, "the transformer").
- * The sums run in another order than torch's, and exp and tanh are this file's own, so the results
- * agree with the ops to float32 rounding, not bit for bit (tests/test_native_transformer.py). The
- * constants (GELU's sqrt(2/pi) and 0.044715, LayerNorm's eps, the attention's 1/sqrt(hs)) come
- * from the Python side, which has one copy of each.
+ * Each function computes what the readable op computes (ops/linear.py, ops/gelu.py,
+ * ops/layernorm.py, ops/attention.py), whose lines the comments quote, in float32, each output in
+ * one pass where torch needs a dispatched op per line and a fresh tensor per op (docs/speed.md, "the
+ * transformer"). The sums run in another order than torch's, and exp and tanh are this file's own,
+ * so the results agree with the ops to float32 rounding, not bit for bit
+ * (tests/test_native_transformer.py). The constants (GELU's sqrt(2/pi) and 0.044715, LayerNorm's
+ * eps, the attention's 1/sqrt(hs)) come from the Python side, which has one copy of each.
  *
  * Legend: the letters of backprop_ninja/conventions.py (B batch, T positions, E embedding width,
- * nh heads of hs = E / nh features); n entries of an elementwise op, R rows of E for LayerNorm.
- * Every tensor is row-major float32, as torch stores a contiguous one. Single-threaded and free of
- * any state: the same inputs give the same floats, run after run.
+ * nh heads of hs = E / nh features, F fan-in, H fan-out); n entries of an elementwise op, R rows
+ * of E for LayerNorm, R rows of a Linear's input. Every tensor is row-major float32, as torch stores
+ * a contiguous one. Single-threaded and free of any state: the same inputs give the same floats,
+ * run after run.
  */
 
 #include <math.h>
@@ -23,10 +25,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu_clones.h"
+#include "../training/step_kernels.h"  /* matmul, transpose; it includes cpu_clones.h */
 
 /* The argument layout of the functions below; native_transformer.py checks this number (ABI). */
-int transformer_kernels_abi(void) { return 3; }
+int transformer_kernels_abi(void) { return 4; }
 
 /* 1 where the kernels run their AVX2 or AVX-512 copy. The portable copy is slower than torch's own
    kernels (the attention 5 to 9 times: its 8-float vectors are split through the stack), so
@@ -86,6 +88,43 @@ static inline float tanh_float(float u) {
     const float e = expm1_reduced(r) * two_n + (two_n - 1.0f);  /* e^2a - 1 = 2^n (e^r - 1) + (2^n - 1) */
     const float t = a > 0.54930614f ? 1.0f - 2.0f / (e + 2.0f) : e / (e + 2.0f);
     return copysignf(t, u);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Linear (ops/linear.py): out = x @ w + b, w (F, H) as the lectures store it, b (H,) or none.
+   The products are step_kernels.h's matmul: register-blocked, each sum in the order of its terms. */
+
+/* floats of matmul's zero-padded panel for a last, partial block of columns: KC terms x 2W */
+#define PANEL (KC * 2 * W)
+
+/* x (R, F), w (F, H), b (H,) or NULL -> out (R, H) */
+CLONED void linear_forward(int64_t R, int64_t F, int64_t H, const float *restrict x, const float *restrict w,
+                           const float *restrict b, float *restrict out) {
+    float panel[PANEL];
+    matmul(R, H, F, x, F, 1, w, H, out, H, panel);  /* out = x @ w */
+    if (b)
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t j = 0; j < H; j++) out[r * H + j] += b[j];  /* out = out + b */
+}
+
+/* dx (R, F), dw (F, H) and db (H,) unless it is NULL (no bias), from dout (R, H) and the forward's
+   x and w. Returns 0, or -1 when out of memory (nothing written). In the forward pass this was:
+   out = x @ w + b. */
+CLONED int linear_backward(int64_t R, int64_t F, int64_t H, const float *restrict dout, const float *restrict x,
+                           const float *restrict w, float *restrict dx, float *restrict dw, float *restrict db) {
+    float *wT = malloc((size_t)(F * H) * sizeof *wT);  /* (H, F) */
+    if (!wT) return -1;
+    float panel[PANEL];
+    transpose(F, H, w, wT);
+    matmul(R, F, H, dout, H, 1, wT, F, dx, F, panel);  /* dx = dout @ w.T */
+    matmul(F, H, R, x, 1, F, dout, H, dw, H, panel);  /* dw = x.T @ dout: every row used the same w */
+    free(wT);
+    if (db) {  /* db = dout.sum(0): b was broadcast over the rows */
+        memset(db, 0, (size_t)H * sizeof *db);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t j = 0; j < H; j++) db[j] += dout[r * H + j];
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
