@@ -7,7 +7,9 @@
  * hs = 1) and its other code (T or hs past 16); every kernel runs with its caches and without (eval
  * mode), the attention backward from kept weights and recomputing them. The Linears' products run on
  * widths below, at and past their blocks of columns, with a bias and without, and on more rows
- * than one pass of dw's sum (KC). */
+ * than one pass of dw's sum (KC); where the CPU has AVX-512, its 8- and 4-row blocks give the floats
+ * of the AVX2 blocks bit for bit. */
+#include <string.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -62,6 +64,36 @@ static int linear(int64_t R, int64_t F, int64_t H) {
     return ok;
 }
 
+#if X86_64_V3_CLONES
+/* out = (accumulate ? out : 0) + A @ Bm in block4's AVX2 blocks of 4 rows x 16 columns, N a multiple of 16 */
+__attribute__((target("arch=x86-64-v3"))) static void matmul_avx2(int64_t M, int64_t N, int64_t Kd, const float *A,
+                                                                 int64_t a_row, int64_t a_col, const float *Bm,
+                                                                 float *out, int accumulate) {
+    for (int64_t j = 0; j < N; j += 2 * W)
+        for (int64_t m = 0; m < M; m += 4) block4(m, M, Kd, A, a_row, a_col, Bm + j, N, out + j, N, 2 * W, accumulate);
+}
+
+/* matmul_wide against matmul_avx2 on (M, Kd) @ (Kd, N), A read as it is and transposed (as dw = x.T @ dout
+   reads x), from zeros and accumulating: 1 when every float is the same. 1 where the CPU has no AVX-512. */
+static int wide_blocks_agree(int64_t M, int64_t N, int64_t Kd) {
+    if (!__builtin_cpu_supports("avx512f")) return 1;
+    float *A = floats(M * Kd, 40), *Bm = floats(Kd * N, 41), *wide = floats(M * N, 42), *avx2 = floats(M * N, 42);
+    int ok = 1;
+    for (int transposed = 0; transposed < 2; transposed++) {
+        const int64_t a_row = transposed ? 1 : Kd, a_col = transposed ? M : 1;
+        for (int accumulate = 0; accumulate < 2; accumulate++) {
+            matmul_wide(M, N, Kd, A, a_row, a_col, Bm, N, wide, N, accumulate);
+            matmul_avx2(M, N, Kd, A, a_row, a_col, Bm, avx2, accumulate);
+            ok &= memcmp(wide, avx2, (size_t)(M * N) * sizeof *wide) == 0;
+        }
+    }
+    free(A), free(Bm), free(wide), free(avx2);
+    return ok;
+}
+#else
+static int wide_blocks_agree(int64_t M, int64_t N, int64_t Kd) { return M + N + Kd > 0; }
+#endif
+
 /* The heads of B examples of T positions, nh heads of hs features, or (lengths given) of a packed
    batch, sequence b of lengths[b] positions, its buffers exactly R rows: 1 when every result is finite. */
 static int heads(int64_t B, int64_t T, const int64_t *lengths, int64_t nh, int64_t hs) {
@@ -96,6 +128,8 @@ int main(void) {
     const int64_t linears[][3] = {{1, 1, 1}, {7, 3, 15}, {228, 64, 27}, {229, 64, 192}, {5, 33, 67},
                                   {300, 256, 64}};  /* R, F, H */
     for (int i = 0; i < 6; i++, shapes++) ok &= linear(linears[i][0], linears[i][1], linears[i][2]);
+    const int64_t products[][3] = {{1, 32, 1}, {13, 64, 7}, {228, 192, 64}, {3, 96, 300}};  /* M, N, Kd */
+    for (int i = 0; i < 4; i++, shapes++) ok &= wide_blocks_agree(products[i][0], products[i][1], products[i][2]);
     const int64_t shape[][4] = {{2, 1, 2, 3}, {3, 4, 3, 1}, {2, 16, 4, 16}, {1, 5, 2, 3},  /* tiles */
                                 {2, 17, 2, 16}, {1, 16, 1, 17}, {5, 9, 2, 20}};  /* the other code */
     for (int i = 0; i < 7; i++, shapes++) ok &= heads_both_ways(shape[i][0], shape[i][1], shape[i][2], shape[i][3]);

@@ -61,36 +61,47 @@ static inline __attribute__((always_inline)) void block4(int64_t m, int64_t M, i
 }
 
 #if X86_64_V3_CLONES
-/* The same product with 16-float vectors, for CPUs with AVX-512 only (a function of its own, called
+/* The same product with 16-float vectors, for CPUs with AVX-512 only (functions of their own, called
    where the CPU has it: in the AVX2 and portable copies a 16-float vector would be split through the
-   stack). Blocks of 4 rows x 32 columns in 8 zmm registers; each out[m, j] is the same sum, in the
-   same order, with the same multiply-adds as block4's, so the two give the same floats. Where the
-   CPU has two 512-bit FMA units this doubles the multiply-adds per cycle (docs/speed.md). */
+   stack). Blocks of 8 rows x 32 columns in 16 zmm registers (of AVX-512's 32): per term, 2 loads of
+   Bm and 8 of A feed 16 multiply-adds, so the two FMA units, not the loads, set the pace (4-row
+   blocks, half the multiply-adds per load, ran at 105 to 180 GFLOP/s on the transformer's shapes, 8-row
+   ones at 185 to 218: docs/speed.md). Each out[m, j] is the same sum, in the same order, with the
+   same multiply-adds as block4's, so the two give the same floats. */
 #define WIDE 16
 typedef float wide_vec __attribute__((vector_size(WIDE * sizeof(float))));
 
+/* Rows m..m+rows-1 of out[:, j:j+2WIDE], rows <= 8; rows past M repeat row M - 1, and are not stored. */
+static inline __attribute__((always_inline, target("arch=x86-64-v4"))) void wide_block(
+        int rows, int64_t m, int64_t M, int64_t Kd, const float *A, int64_t a_row, int64_t a_col,
+        const float *restrict Bm, int64_t ldb, float *restrict out, int64_t ldo, int accumulate) {
+    const float *a[8];
+    for (int r = 0; r < rows; r++) a[r] = A + (m + r < M ? m + r : M - 1) * a_row;
+    wide_vec acc[8][2] = {{{0}}};
+    if (accumulate)
+        for (int r = 0; r < rows && m + r < M; r++) memcpy(acc[r], out + (m + r) * ldo, sizeof acc[r]);
+    for (int64_t k = 0; k < Kd; k++) {
+        wide_vec b0, b1;
+        memcpy(&b0, Bm + k * ldb, sizeof b0);
+        memcpy(&b1, Bm + k * ldb + WIDE, sizeof b1);
+        for (int r = 0; r < rows; r++) {
+            const float x = a[r][k * a_col];
+            acc[r][0] += x * b0;
+            acc[r][1] += x * b1;
+        }
+    }
+    for (int r = 0; r < rows && m + r < M; r++) memcpy(out + (m + r) * ldo, acc[r], sizeof acc[r]);
+}
+
+/* The columns of out in blocks of 32: the rows 8 at a time, the last ones (M mod 8) in blocks of 4. */
 __attribute__((target("arch=x86-64-v4"), noinline)) static void matmul_wide(
         int64_t M, int64_t N, int64_t Kd, const float *A, int64_t a_row, int64_t a_col, const float *restrict Bm,
         int64_t ldb, float *restrict out, int64_t ldo, int accumulate) {
-    for (int64_t j = 0; j + 2 * WIDE <= N; j += 2 * WIDE)
-        for (int64_t m = 0; m < M; m += 4) {
-            const float *a[4];
-            for (int r = 0; r < 4; r++) a[r] = A + (m + r < M ? m + r : M - 1) * a_row;
-            wide_vec acc[4][2] = {{{0}}};
-            if (accumulate)
-                for (int r = 0; r < 4 && m + r < M; r++) memcpy(acc[r], out + (m + r) * ldo + j, sizeof acc[r]);
-            for (int64_t k = 0; k < Kd; k++) {
-                wide_vec b0, b1;
-                memcpy(&b0, Bm + k * ldb + j, sizeof b0);
-                memcpy(&b1, Bm + k * ldb + j + WIDE, sizeof b1);
-                for (int r = 0; r < 4; r++) {
-                    const float x = a[r][k * a_col];
-                    acc[r][0] += x * b0;
-                    acc[r][1] += x * b1;
-                }
-            }
-            for (int r = 0; r < 4 && m + r < M; r++) memcpy(out + (m + r) * ldo + j, acc[r], sizeof acc[r]);
-        }
+    for (int64_t j = 0; j + 2 * WIDE <= N; j += 2 * WIDE) {
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8) wide_block(8, m, M, Kd, A, a_row, a_col, Bm + j, ldb, out + j, ldo, accumulate);
+        for (; m < M; m += 4) wide_block(4, m, M, Kd, A, a_row, a_col, Bm + j, ldb, out + j, ldo, accumulate);
+    }
 }
 #endif
 
