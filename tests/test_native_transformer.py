@@ -387,6 +387,67 @@ def test_attention_with_another_scale_or_a_wrong_backward_is_wrong(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# the loss: sequence cross-entropy over the predicted positions, its dlogits written by the forward
+
+
+def loss_inputs(shape, scale: float, ignored: float = 0.3, seed: int = 60):
+    B, T, V = shape
+    g = torch.Generator().manual_seed(seed)
+    Y = torch.randint(0, V, (B, T), generator=g)
+    Y[torch.rand(B, T, generator=g) < ignored] = -1
+    Y.view(-1)[0] = 0  # at least one prediction
+    return rand(B, T, V, g=g) * scale, Y
+
+
+def loss_results(logits: Tensor, Y: Tensor):
+    loss, cache = native_transformer.sequence_cross_entropy_forward(logits, Y)
+    assert isinstance(cache, native_transformer.CrossEntropyGradient)  # the C path
+    return [loss.reshape(1), native_transformer.sequence_cross_entropy_backward(cache)]
+
+
+def loss_truths(logits: Tensor, Y: Tensor):
+    loss, cache = ops.sequence_cross_entropy_forward(logits.double(), Y)
+    return [loss.reshape(1), ops.sequence_cross_entropy_backward(cache)]
+
+
+LOSS_SHAPES = {"makemore": (32, 16, 27), "B,T,V": (3, 4, 5), "V=2": (2, 3, 2), "one position": (1, 1, 27)}
+
+
+@pytest.mark.parametrize("scale", [1.0, LARGE], ids=["x1", "x100"])
+@pytest.mark.parametrize("shape", LOSS_SHAPES)
+def test_loss_kernel_is_the_readable_op(shape, scale):
+    logits, Y = loss_inputs(LOSS_SHAPES[shape], scale)
+    mine = loss_results(logits, Y)
+    assert_right(mine, loss_truths(logits, Y))
+    assert torch.equal(mine[1][Y == -1], torch.zeros_like(mine[1][Y == -1]))  # in no term of the loss: 0
+
+
+def test_one_class_is_a_certain_prediction():
+    logits, Y = loss_inputs((2, 3, 1), 1.0)
+    loss, dlogits = loss_results(logits, Y)
+    assert torch.equal(loss, torch.zeros(1)) and torch.equal(dlogits, torch.zeros_like(dlogits))
+
+
+def test_the_loss_kernel_refuses_what_the_op_refuses_with_its_words():
+    logits, Y = loss_inputs((3, 4, 5), 1.0)
+    for bad in (torch.full_like(Y, -1), Y.masked_fill(Y == 0, 5), Y.masked_fill(Y == 0, -2)):
+        with pytest.raises(ValueError) as mine:
+            native_transformer.sequence_cross_entropy_forward(logits, bad)
+        with pytest.raises(ValueError) as theirs:
+            ops.sequence_cross_entropy_forward(logits, bad)
+        assert str(mine.value) == str(theirs.value)
+
+
+def test_a_nan_logit_gives_a_nan_loss():
+    logits, Y = loss_inputs((3, 4, 5), 1.0, ignored=0.0)
+    for at in (0, 3):  # the row's first logit (the max's start) and another
+        bad = logits.clone()
+        bad[1, 2, at] = math.nan
+        loss, cache = native_transformer.sequence_cross_entropy_forward(bad, Y)
+        assert loss.isnan() and cache.dlogits[1, 2].isnan().all() and not cache.dlogits[0].isnan().any()
+
+
+# ---------------------------------------------------------------------------------------------
 # where the kernels apply, and where the torch forms run instead
 
 

@@ -127,6 +127,14 @@ class TransformerModel(SequenceModel):
         with self.live.packed(packing):
             yield X[:, :packing.positions], Y[:, :packing.positions]  # (B, T'), (B, T')
 
+    @staticmethod
+    def loss_forward(logits: Tensor, Y: Tensor) -> tuple[Tensor, tuple]:
+        return native_transformer.sequence_cross_entropy_forward(logits, Y)  # (), cache: in C where it can
+
+    @staticmethod
+    def loss_backward(cache: tuple) -> Tensor:
+        return native_transformer.sequence_cross_entropy_backward(cache)  # dlogits (B, T, V)
+
     def dropouts(self) -> list[Dropout]:
         return [layer for layer in self.net.leaves() if isinstance(layer, Dropout)]
 

@@ -1,9 +1,9 @@
 """The transformer's ops in C (ops/transformer_kernels.c), with the torch forms as fallback.
 
-Its Linears, GELU, LayerNorm and the heads of causal self-attention, each forward and its
-hand-written backward one C function (and dropout's forward, its masks drawn in the same pass), called
+Its Linears, GELU, LayerNorm, the heads of causal self-attention and the loss, each forward and
+its hand-written backward one C function (and dropout's forward, its masks drawn in the same pass), called
 through ctypes on the tensors' own storage: the maths of ops.gelu, ops.layernorm, ops.attention and
-ops.dropout term for term, and ops.linear's products (the C file quotes their lines), in float32, where the torch forms
+ops.dropout and ops.sequence_loss term for term, and ops.linear's products (the C file quotes their lines), in float32, where the torch forms
 (ops.fused_transformer) dispatch an op, and make a tensor, per line. The
 attention reads q, k, v straight from the qkv Linear's (B, T, 3E) output and writes y as (B, T, E)
 and the gradient as (B, T, 3E): the split and merge copies go too. docs/speed.md has the figures.
@@ -26,6 +26,8 @@ the readable op through the verdict.
     dqkv = heads_backward(dy, cache)                  # (B, T, E) -> (B, T, 3E)
     y, cache = heads_forward(rows, n_head, packing=p) # a packed batch (ops.packing): (R, 3E) -> (R, E)
     out, cache = dropout_forward(x, key, p)           # (..., H); ops.dropout_backward(dout, cache)
+    loss, cache = sequence_cross_entropy_forward(logits, targets)   # (B, T, V), (B, T) -> ()
+    dlogits = sequence_cross_entropy_backward(cache)
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ from backprop_ninja.ops.linear import LinearCache
 from backprop_ninja.ops.packing import (
     PackCache, Packing, UnpackCache, pack_backward, pack_forward, unpack_backward, unpack_forward,
 )
+from backprop_ninja.ops.sequence_loss import SequenceCrossEntropyCache
 
 LIBRARY_STEM = "_transformer_kernels"  # setup.py builds backprop_ninja/ops/_transformer_kernels<suffix>
-ABI = 4  # transformer_kernels_abi(): a library built for other arguments (or without the Linears) is not loaded
+ABI = 5  # transformer_kernels_abi(): a library built for other arguments (or without the loss) is not loaded
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -79,6 +82,7 @@ def load_library() -> ctypes.CDLL | None:
         "attention_forward": ([_i64, _i64, _ptr, _i64, _i64, _ptr, _f32, _ptr, _ptr], ctypes.c_int),
         "attention_backward": ([_i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr], ctypes.c_int),
         "dropout_forward": ([_i64, _ptr, ctypes.c_uint64, ctypes.c_uint64, _f32, _ptr, _ptr], None),
+        "cross_entropy_forward": ([_i64, _i64, _ptr, _ptr, ctypes.POINTER(ctypes.c_double), _ptr], _i64),
     }
     return set_signatures(lib, signatures)
 
@@ -325,3 +329,38 @@ def torch_heads_cache(cache: HeadsCache) -> AttentionCache:
     """The torch form's cache of the same forward pass: q, k, v split from qkv, att as kept."""
     q, k, v, split = fused_transformer.split_heads_contiguous(cache.qkv, cache.n_head)  # (B, nh, T, hs) each
     return AttentionCache(split, CausalAttentionCache(q, k, v, cache.att), MergeHeadsCache(cache.n_head))
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence cross-entropy: the mean of -log softmax(logits)[Y] over the predicted positions (ops.sequence_loss)
+
+
+class CrossEntropyGradient(NamedTuple):
+    """The C forward's cache: the gradient itself, written in the forward's pass (the loss ends the graph)."""
+
+    dlogits: Tensor  # (B, T, V) (softmax - one_hot(Y)) / n where predicted, 0 where ignored
+
+
+def sequence_cross_entropy_forward(logits: Tensor, targets: Tensor) -> tuple[Tensor, CrossEntropyGradient |
+                                                                                    SequenceCrossEntropyCache]:
+    """ops.sequence_cross_entropy_forward in one pass a row, which writes the backward's dlogits too:
+    the loss () and the cache. A batch the op refuses (no prediction, a target out of range) gets
+    the op's own error."""
+    lib = _library_for(logits)
+    if (lib is None or logits.ndim != 3 or targets.shape != logits.shape[:2] or targets.dtype is not torch.int64
+            or not targets.is_cpu or not targets.is_contiguous()):
+        return ops.sequence_cross_entropy_forward(logits, targets)
+    dlogits = torch.empty_like(logits)  # (B, T, V)
+    loss = ctypes.c_double()
+    V = logits.shape[-1]
+    if lib.cross_entropy_forward(logits.numel() // max(V, 1), V, logits.data_ptr(), targets.data_ptr(),
+                                 ctypes.byref(loss), dlogits.data_ptr()) <= 0:
+        return ops.sequence_cross_entropy_forward(logits, targets)  # its message
+    return torch.tensor(loss.value, dtype=logits.dtype), CrossEntropyGradient(dlogits)
+
+
+def sequence_cross_entropy_backward(cache: CrossEntropyGradient | SequenceCrossEntropyCache) -> Tensor:
+    """dlogits (B, T, V). In the forward pass this was: loss = F.cross_entropy(logits, Y, ignore_index=-1)."""
+    if isinstance(cache, CrossEntropyGradient):
+        return cache.dlogits
+    return ops.sequence_cross_entropy_backward(cache)

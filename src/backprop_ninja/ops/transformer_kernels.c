@@ -1,12 +1,13 @@
 /*
  * The transformer's ops in plain C: its Linears' matrix products, GELU, LayerNorm and the heads of
- * causal self-attention, each forward beside its hand-written backward, and dropout's forward.
+ * causal self-attention, each forward beside its hand-written backward, the loss with its
+ * backward, and dropout's forward.
  * ops/native_transformer.py calls them through ctypes on the storage of contiguous float32 CPU
  * tensors; elsewhere (float64, CUDA, no compiler) the layers take the torch forms of
  * ops/fused_transformer.py, and the Linears ops/linear.py.
  *
  * Each function computes what the readable op computes (ops/linear.py, ops/gelu.py,
- * ops/layernorm.py, ops/attention.py), whose lines the comments quote, in float32, each output in
+ * ops/layernorm.py, ops/attention.py, ops/sequence_loss.py), whose lines the comments quote, in float32, each output in
  * one pass where torch needs a dispatched op per line and a fresh tensor per op (docs/speed.md, "the
  * transformer"). The sums run in another order than torch's, and exp and tanh are this file's own,
  * so the results agree with the ops to float32 rounding, not bit for bit
@@ -28,7 +29,7 @@
 #include "../training/step_kernels.h"  /* matmul, transpose; it includes cpu_clones.h */
 
 /* The argument layout of the functions below; native_transformer.py checks this number (ABI). */
-int transformer_kernels_abi(void) { return 4; }
+int transformer_kernels_abi(void) { return 5; }
 
 /* 1 where the kernels run their AVX2 or AVX-512 copy. The portable copy is slower than torch's own
    kernels (the attention 5 to 9 times: its 8-float vectors are split through the stack), so
@@ -565,6 +566,49 @@ CLONED int attention_backward(int64_t B, int64_t T, const int64_t *restrict leng
     }
     free(scratch);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* sequence cross-entropy (ops/sequence_loss.py), as makemore:
+       loss = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)
+   the mean of -log softmax(logits[i])[targets[i]] over the n predicted rows (targets[i] != -1) */
+
+/* logits (R, V), targets (R,) -> *loss, and dlogits (R, V) in the same pass (the loss ends the
+   graph: dloss = 1): (softmax(logits) - one_hot(targets)) / n where predicted, 0 where ignored (in
+   no term of the loss). The sum over the rows runs in float64. Returns n; 0 (nothing written)
+   when no row is predicted, -1 when a target is outside [-1, V). */
+CLONED int64_t cross_entropy_forward(int64_t R, int64_t V, const float *restrict logits,
+                                     const int64_t *restrict targets, double *restrict loss, float *restrict dlogits) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < R; i++) {
+        if (targets[i] < -1 || targets[i] >= V) return -1;
+        n += targets[i] != -1;
+    }
+    if (n == 0) return 0;
+    double total = 0.0;
+    for (int64_t i = 0; i < R; i++) {
+        const float *row = logits + i * V;
+        float *drow = dlogits + i * V;
+        const int64_t y = targets[i];
+        if (y == -1) {
+            memset(drow, 0, (size_t)V * sizeof *drow);
+            continue;
+        }
+        float max = row[0];
+        for (int64_t j = 1; j < V; j++) max = row[j] > max ? row[j] : max;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < V; j++) {
+            drow[j] = exp_nonpositive(row[j] - max);  /* exp(logits - max) */
+            sum += drow[j];
+        }
+        total += log((double)sum) - ((double)row[y] - max);  /* -logprobs[y], logprobs = logits - max - log(sum) */
+        const float inverse = 1.0f / sum;
+        for (int64_t j = 0; j < V; j++) drow[j] *= inverse;  /* probs = softmax(logits) */
+        drow[y] -= 1.0f;  /* probs - one_hot(Y) */
+        for (int64_t j = 0; j < V; j++) drow[j] /= (float)n;  /* the mean over the n predicted rows */
+    }
+    *loss = total / (double)n;
+    return n;
 }
 
 /* ------------------------------------------------------------------------------------------ */
