@@ -471,6 +471,63 @@ def products(args) -> None:
               f"{at_peak / twin_seconds:.3f}x the twin's step")
 
 
+SCALING_BATCHES = (32, 512, 4096)
+
+
+def scaling(args) -> None:
+    """Where each implementation of a training step wins, by batch and threads (issue #15): one
+    step (loss_and_grads and AdamW) with the Linears' products in C (single-threaded: taken on one
+    torch thread only), with torch's products on one and on two threads, and the twin's step on
+    one and on two, alternated step by step on the same batches; ms per step, medians. --steps
+    steps at batch 32, fewer at the larger batches (at least 5)."""
+    import time
+
+    from backprop_ninja.ops import native_transformer
+    from backprop_ninja.optim import AdamW
+    from backprop_ninja.threads import torch_threads
+
+    ds, model, g = setup(args.input)
+    twin = twin_of(model)
+    optimizer = AdamW(model.params, weight_decay=0.05)
+    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    with_c_products = native_transformer._products_library
+
+    def hand_step(X, Y, c_products: bool):
+        native_transformer._products_library = with_c_products if c_products else (lambda *tensors: None)
+        _, grads = model.loss_and_grads(X, Y)
+        optimizer.step(model.params, grads, 1e-4)
+
+    def twin_step(X, Y):
+        twin.zero_grad(set_to_none=True)
+        sequence_loss(twin(X), Y).backward()
+        twin_optimizer.step()
+
+    kinds = {"C products, 1 thread": (1, lambda X, Y: hand_step(X, Y, True)),
+             "torch products, 1 thread": (1, lambda X, Y: hand_step(X, Y, False)),
+             "torch products, 2 threads": (2, lambda X, Y: hand_step(X, Y, False)),
+             "twin, 1 thread": (1, twin_step), "twin, 2 threads": (2, twin_step)}
+    print(f"ms per step (medians), steps alternated; {', '.join(kinds)}")
+    print(f"{'batch':>6s} " + " ".join(f"{kind:>26s}" for kind in kinds))
+    try:
+        for batch in SCALING_BATCHES:
+            steps = max(5, args.steps * 32 // batch)
+            times: dict[str, list[float]] = {kind: [] for kind in kinds}
+            order = list(kinds)
+            for i in range(steps + 2):
+                ix = torch.randint(0, ds.train.X.shape[0], (batch,), generator=g)
+                X, Y = ds.train.X[ix], ds.train.Y[ix]
+                for kind in order if i % 2 == 0 else order[::-1]:
+                    threads, step = kinds[kind]
+                    with torch_threads(threads):
+                        start = time.perf_counter()
+                        step(X, Y)
+                        if i >= 2:
+                            times[kind].append(time.perf_counter() - start)
+            print(f"{batch:6d} " + " ".join(f"{statistics.median(ts) * 1e3:26.2f}" for ts in times.values()))
+    finally:
+        native_transformer._products_library = with_c_products
+
+
 def memory(args) -> None:
     """Peak RSS of each kind of step in its own process, alternated over the rounds (the max is kept)."""
     kinds = ["hand", "hand-recompute", "twin"]
@@ -502,6 +559,8 @@ def main() -> None:
                         help="the least time the matrix products allow a step, against the twin's step")
     parser.add_argument("--live", action="store_true",
                         help="with --products: at the rows of a packed step (the batch's live positions)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="each implementation's step at batches 32, 512 and 4096, on one and two threads")
     parser.add_argument("--steps-only", choices=["hand", "hand-recompute", "twin"], help=argparse.SUPPRESS)
     parser.add_argument("train_args", nargs="*", help="more options for `backprop-ninja train` (after --)")
     args = parser.parse_args()
@@ -513,6 +572,8 @@ def main() -> None:
         memory(args)
     elif args.products:
         products(args)
+    elif args.scaling:
+        scaling(args)
     else:
         compare(args) if args.compare else run_twin(args)
 

@@ -461,6 +461,29 @@ def test_train_eval_sample_and_resume_bit_for_bit(capsys, write_words, tmp_path,
         assert a[name].equal(b[name]), name
 
 
+@pytest.mark.skipif(not native_transformer.native_available(), reason="the C kernels are not built")
+def test_a_step_whose_products_run_in_c_stays_on_one_thread_up_to_a_larger_batch(capsys, write_words, tmp_path,
+                                                                                   monkeypatch):
+    """Batch 2048 x width 32 (--embd 8): a torch-only step takes torch's two threads there
+    (threads.SINGLE_THREAD_BELOW), the transformer's, with its C products, one (benchmarks/
+    twin_transformer.py --scaling); without the library, two again."""
+    from backprop_ninja.threads import torch_threads
+    from backprop_ninja.training.checkpoint import RUN_FILE
+
+    words = write_words(WORDS)
+    threads = {}
+    with torch_threads(2):
+        for case in ("C", "no library"):
+            if case == "no library":
+                monkeypatch.setattr(native_transformer, "native_available", lambda: False)
+            run_dir = tmp_path / case.replace(" ", "-")
+            code, _, err = cli(capsys, "train", "--input", words, "--out", run_dir, "--steps", 2,
+                               "--model", "transformer", "--embd", 8, "--batch-size", 2048)
+            assert code == 0, err
+            threads[case] = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["threads"]
+    assert threads == {"C": 1, "no library": 2}
+
+
 # ---------------------------------------------------------------------------------------------
 # devices
 

@@ -18,9 +18,16 @@ import torch
 SINGLE_THREAD_BELOW = 65_536
 
 
-def threads_for(batch_size: int, n_hidden: int) -> int:
+# A step whose matrix products run in C, single-threaded (the transformer's Linears), stays on one
+# thread up to this many: at batch 2048 x 256 its C products on one thread beat torch's on two, at
+# 4096 they lose (docs/speed.md; a machine with more cores should measure its own crossover with
+# benchmarks/twin_transformer.py --scaling).
+C_PRODUCTS_SINGLE_THREAD_BELOW = 1_048_576
+
+
+def threads_for(batch_size: int, n_hidden: int, single_thread_below: int = SINGLE_THREAD_BELOW) -> int:
     """How many threads a training step uses: 1 for small steps, torch's setting otherwise."""
-    return 1 if batch_size * n_hidden < SINGLE_THREAD_BELOW else torch.get_num_threads()
+    return 1 if batch_size * n_hidden < single_thread_below else torch.get_num_threads()
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from backprop_ninja import ops
 from backprop_ninja.conventions import IGNORE_INDEX
 from backprop_ninja.data import distinct_contexts
 from backprop_ninja.nn import Sequential
+from backprop_ninja.threads import SINGLE_THREAD_BELOW
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ModelConfig:
 
 class Model:
     view = "windows"  # the data it reads (data.VIEWS)
+    single_thread_below = SINGLE_THREAD_BELOW  # its readable step's threads: threads.threads_for
 
     def __init__(self, config: ModelConfig, net: Sequential) -> None:
         self.config = config

@@ -36,6 +36,7 @@ from backprop_ninja.nn import (
 )
 from backprop_ninja.ops import native_transformer
 from backprop_ninja.ops.packing import live_packing
+from backprop_ninja.threads import C_PRODUCTS_SINGLE_THREAD_BELOW, SINGLE_THREAD_BELOW
 
 # the keys of a block's intermediates, in forward order: the rows `check --model` prints
 ATTENTION_KEYS = ["ln_1", "qkv", "att", "att_proj"]  # ln_1(x), c_attn(.), the heads, c_proj(.)
@@ -126,6 +127,12 @@ class TransformerModel(SequenceModel):
             return
         with self.live.packed(packing):
             yield X[:, :packing.positions], Y[:, :packing.positions]  # (B, T'), (B, T')
+
+    @property
+    def single_thread_below(self) -> int:
+        """Its Linears' products run in C on one thread (native_transformer): one thread up to a
+        larger step than torch-only steps (threads.C_PRODUCTS_SINGLE_THREAD_BELOW)."""
+        return C_PRODUCTS_SINGLE_THREAD_BELOW if native_transformer.native_available() else SINGLE_THREAD_BELOW
 
     @staticmethod
     def loss_forward(logits: Tensor, Y: Tensor) -> tuple[Tensor, tuple]:

@@ -42,7 +42,8 @@ def train(options: TrainOptions) -> Trained:
 
     fused = steppers.choose(model, optimizer, info.batch_size, fast=not options.eager and info.clip_grad_norm is None)
     # a C step runs on its own one thread; the readable path and the torch step on threads_for's
-    threads = getattr(fused, "threads", None) or threads_for(info.batch_size, info.config.hidden_width)
+    threads = getattr(fused, "threads", None) or threads_for(info.batch_size, info.config.hidden_width,
+                                                             model.single_thread_below)
     info = replace(info, stepper=steppers.step_name(fused), threads=threads)
     if resumed_from is not None and resumed_from.stepper is not None and (
             (resumed_from.stepper, resumed_from.threads) != (info.stepper, info.threads)):
