@@ -19,9 +19,8 @@ SINGLE_THREAD_BELOW = 65_536
 
 
 # A step whose matrix products run in C, single-threaded (the transformer's Linears), stays on one
-# thread up to this many: at batch 2048 x 256 its C products on one thread beat torch's on two, at
-# 4096 they lose (docs/speed.md; a machine with more cores should measure its own crossover with
-# benchmarks/twin_transformer.py --scaling).
+# thread up to this many: its crossover with torch's products on two threads (docs/speed.md; a
+# machine with more cores should measure its own with benchmarks/twin_transformer.py --scaling).
 C_PRODUCTS_SINGLE_THREAD_BELOW = 1_048_576
 
 

@@ -8,7 +8,8 @@
  * mode), the attention backward from kept weights and recomputing them. The Linears' products run on
  * widths below, at and past their blocks of columns, with a bias and without, and on more rows
  * than one pass of dw's sum (KC); where the CPU has AVX-512, its 8- and 4-row blocks give the floats
- * of the AVX2 blocks bit for bit. */
+ * of the AVX2 blocks bit for bit. The loss runs with ignored rows, with every row ignored, and
+ * with a target out of range. */
 #include <string.h>
 #include <math.h>
 #include <stdio.h>
@@ -61,6 +62,24 @@ static int linear(int64_t R, int64_t F, int64_t H) {
     ok &= linear_backward(R, F, H, dout, x, w, dx, dw, NULL) == 0;
     ok &= all_finite(dx, R * F) && all_finite(dw, F * H) && all_finite(db, H);
     free(x), free(w), free(b), free(out), free(dout), free(dx), free(dw), free(db);
+    return ok;
+}
+
+/* The loss over R rows of V, every rows-th target ignored (all of them with every = 1): 1 when it
+   returns the rows predicted and, if any, a finite loss and dlogits. */
+static int loss(int64_t R, int64_t V, int64_t every) {
+    float *logits = floats(R * V, 50), *dlogits = floats(R * V, 51);
+    int64_t *targets = malloc((size_t)(R > 0 ? R : 1) * sizeof *targets), predicted = 0;
+    for (int64_t i = 0; i < R; i++) {
+        targets[i] = i % every == 0 ? -1 : (i * 7) % V;
+        predicted += targets[i] != -1;
+    }
+    double mean = NAN;
+    int ok = cross_entropy_forward(R, V, logits, targets, &mean, dlogits) == predicted;
+    ok &= predicted == 0 || (isfinite(mean) && all_finite(dlogits, R * V));
+    targets[R - 1] = V;  /* a class out of range: refused */
+    ok &= cross_entropy_forward(R, V, logits, targets, &mean, dlogits) == -1;
+    free(logits), free(dlogits), free(targets);
     return ok;
 }
 
@@ -128,6 +147,8 @@ int main(void) {
     const int64_t linears[][3] = {{1, 1, 1}, {7, 3, 15}, {228, 64, 27}, {229, 64, 192}, {5, 33, 67},
                                   {300, 256, 64}};  /* R, F, H */
     for (int i = 0; i < 6; i++, shapes++) ok &= linear(linears[i][0], linears[i][1], linears[i][2]);
+    const int64_t losses[][3] = {{1, 27, 2}, {7, 1, 3}, {228, 27, 5}, {4, 7, 1}};  /* R, V, every */
+    for (int i = 0; i < 4; i++, shapes++) ok &= loss(losses[i][0], losses[i][1], losses[i][2]);
     const int64_t products[][3] = {{1, 32, 1}, {13, 64, 7}, {228, 192, 64}, {3, 96, 300}};  /* M, N, Kd */
     for (int i = 0; i < 4; i++, shapes++) ok &= wide_blocks_agree(products[i][0], products[i][1], products[i][2]);
     const int64_t shape[][4] = {{2, 1, 2, 3}, {3, 4, 3, 1}, {2, 16, 4, 16}, {1, 5, 2, 3},  /* tiles */

@@ -1,10 +1,11 @@
 """The transformer's ops in C (ops/transformer_kernels.c), with the torch forms as fallback.
 
 Its Linears, GELU, LayerNorm, the heads of causal self-attention and the loss, each forward and
-its hand-written backward one C function (and dropout's forward, its masks drawn in the same pass), called
-through ctypes on the tensors' own storage: the maths of ops.gelu, ops.layernorm, ops.attention and
-ops.dropout and ops.sequence_loss term for term, and ops.linear's products (the C file quotes their lines), in float32, where the torch forms
-(ops.fused_transformer) dispatch an op, and make a tensor, per line. The
+its hand-written backward one C function (and dropout's forward, its masks drawn in the same
+pass), called through ctypes on the tensors' own storage: the maths of ops.gelu, ops.layernorm,
+ops.attention, ops.dropout and ops.sequence_loss term for term, and ops.linear's products (the C
+file quotes their lines), in float32, where the torch forms (ops.fused_transformer) dispatch an
+op, and make a tensor, per line. The
 attention reads q, k, v straight from the qkv Linear's (B, T, 3E) output and writes y as (B, T, E)
 and the gradient as (B, T, 3E): the split and merge copies go too. docs/speed.md has the figures.
 

@@ -1,18 +1,17 @@
 /*
  * The transformer's ops in plain C: its Linears' matrix products, GELU, LayerNorm and the heads of
  * causal self-attention, each forward beside its hand-written backward, the loss with its
- * backward, and dropout's forward.
- * ops/native_transformer.py calls them through ctypes on the storage of contiguous float32 CPU
- * tensors; elsewhere (float64, CUDA, no compiler) the layers take the torch forms of
- * ops/fused_transformer.py, and the Linears ops/linear.py.
+ * backward, and dropout's forward. ops/native_transformer.py calls them through ctypes on the
+ * storage of contiguous float32 CPU tensors; elsewhere (float64, CUDA, no compiler) the layers
+ * take the torch forms of ops/fused_transformer.py, and the Linears ops/linear.py.
  *
  * Each function computes what the readable op computes (ops/linear.py, ops/gelu.py,
- * ops/layernorm.py, ops/attention.py, ops/sequence_loss.py), whose lines the comments quote, in float32, each output in
- * one pass where torch needs a dispatched op per line and a fresh tensor per op (docs/speed.md, "the
- * transformer"). The sums run in another order than torch's, and exp and tanh are this file's own,
- * so the results agree with the ops to float32 rounding, not bit for bit
- * (tests/test_native_transformer.py). The constants (GELU's sqrt(2/pi) and 0.044715, LayerNorm's
- * eps, the attention's 1/sqrt(hs)) come from the Python side, which has one copy of each.
+ * ops/layernorm.py, ops/attention.py, ops/sequence_loss.py), whose lines the comments quote, in
+ * float32, each output in one pass where torch needs a dispatched op per line and a fresh tensor
+ * per op (docs/speed.md, "the transformer"). The sums run in another order than torch's, and exp
+ * and tanh are this file's own, so the results agree with the ops to float32 rounding, not bit for
+ * bit (tests/test_native_transformer.py). The constants (GELU's sqrt(2/pi) and 0.044715,
+ * LayerNorm's eps, the attention's 1/sqrt(hs)) come from the Python side, which has one copy of each.
  *
  * Legend: the letters of backprop_ninja/conventions.py (B batch, T positions, E embedding width,
  * nh heads of hs = E / nh features, F fan-in, H fan-out); n entries of an elementwise op, R rows

@@ -65,9 +65,9 @@ static inline __attribute__((always_inline)) void block4(int64_t m, int64_t M, i
    where the CPU has it: in the AVX2 and portable copies a 16-float vector would be split through the
    stack). Blocks of 8 rows x 32 columns in 16 zmm registers (of AVX-512's 32): per term, 2 loads of
    Bm and 8 of A feed 16 multiply-adds, so the two FMA units, not the loads, set the pace (4-row
-   blocks, half the multiply-adds per load, ran at 105 to 180 GFLOP/s on the transformer's shapes, 8-row
-   ones at 185 to 218: docs/speed.md). Each out[m, j] is the same sum, in the same order, with the
-   same multiply-adds as block4's, so the two give the same floats. */
+   blocks, half the multiply-adds per load, were slower on every shape measured: docs/speed.md).
+   Each out[m, j] is the same sum, in the same order, with the same multiply-adds as block4's, so
+   the two give the same floats. */
 #define WIDE 16
 typedef float wide_vec __attribute__((vector_size(WIDE * sizeof(float))));
 
