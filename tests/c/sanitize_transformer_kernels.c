@@ -10,10 +10,10 @@
  * than one pass of dw's sum (KC); where the CPU has AVX-512, its 8- and 4-row blocks give the floats
  * of the AVX2 blocks bit for bit. The loss runs with ignored rows, with every row ignored, and
  * with a target out of range. */
-#include <string.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../../src/backprop_ninja/ops/transformer_kernels.c"
 
