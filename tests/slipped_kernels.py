@@ -1,9 +1,10 @@
 """Deliberately wrong builds of ops/sequence_kernels.c, for the tests that must be able to fail.
 
-Each slip is one textual change of the source, a bug the C code could have: the library is built
-from the changed copy with gcc and declared as the real one is, so a test
-can put it where ops.native_recurrent and training.sequence_kernel look for their library. A slip
-whose text is no longer in the source fails loudly, rather than testing nothing.
+Each slip is one textual change of the library's source (sequence_kernels.c or a header it
+includes), a bug the C code could have: the library is built from the changed copy with gcc and
+declared as the real one is, so a test can put it where ops.native_recurrent and
+training.sequence_kernel look for their library. A slip whose text is not in exactly one place of
+the sources fails loudly, rather than testing nothing.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from backprop_ninja.native import open_library
 from backprop_ninja.ops import native_recurrent
 from backprop_ninja.training import sequence_kernel
 
-OPS = Path(__file__).resolve().parents[1] / "src" / "backprop_ninja" / "ops"
-SOURCE = OPS / "sequence_kernels.c"
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "backprop_ninja"
+# the library's sources, by their paths in the package: copied side by side, so that the includes
+# ("../training/step_kernels.h", and that header's "../ops/cpu_clones.h") find the copies
+SOURCES = ("ops/sequence_kernels.c", "ops/cpu_clones.h", "training/step_kernels.h")
 # setup.py's flags but -O1: a slip needs no vectorizing, and -O3 takes most of a minute to build
 FLAGS = ["-O1", "-fno-trapping-math", "-Wno-psabi"]
 
@@ -51,15 +54,14 @@ def slipped_library(directory: Path, slip: str) -> ctypes.CDLL:
     if compiler is None:
         pytest.skip("no gcc to build a slipped copy of the kernels")
     right, wrong = SLIPS[slip]
-    text = SOURCE.read_text(encoding="utf-8")
-    assert text.count(right) == 1, f"the slip {slip!r} no longer matches sequence_kernels.c"
-    source = directory / "sequence_kernels.c"
-    source.write_text(text.replace(right, wrong), encoding="utf-8")
+    texts = {name: (PACKAGE / name).read_text(encoding="utf-8") for name in SOURCES}
+    assert sum(text.count(right) for text in texts.values()) == 1, f"the slip {slip!r} no longer matches its source"
+    for name, text in texts.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text.replace(right, wrong), encoding="utf-8")
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     built = directory / f"{native_recurrent.LIBRARY_STEM}{suffix}"
-    # -I the package's ops/: its #include "../training/step_kernels.h" resolves from there, and that
-    # header's own "../ops/cpu_clones.h" from the header's directory, training/
-    subprocess.run([compiler, *FLAGS, "-fPIC", "-shared", f"-I{OPS}", str(source), "-o", str(built), "-lm"],
+    subprocess.run([compiler, *FLAGS, "-fPIC", "-shared", str(directory / SOURCES[0]), "-o", str(built), "-lm"],
                    check=True)
     lib = open_library(directory, native_recurrent.LIBRARY_STEM, "sequence_kernels_abi", native_recurrent.ABI)
     assert lib is not None

@@ -356,7 +356,7 @@ def sequence_cross_entropy_forward(logits: Tensor, targets: Tensor) -> tuple[Ten
     V = logits.shape[-1]
     if lib.cross_entropy_forward(logits.numel() // max(V, 1), V, logits.data_ptr(), targets.data_ptr(),
                                  ctypes.byref(loss), dlogits.data_ptr()) <= 0:
-        return ops.sequence_cross_entropy_forward(logits, targets)  # its message
+        return ops.sequence_cross_entropy_forward(logits, targets)  # its message (or, out of memory, its loss)
     return torch.tensor(loss.value, dtype=logits.dtype), CrossEntropyGradient(dlogits)
 
 

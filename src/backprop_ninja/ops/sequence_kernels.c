@@ -35,9 +35,6 @@
    native_recurrent.py checks this number (ABI), for sequence_kernel.py's mirrors too. */
 int sequence_kernels_abi(void) { return 2; }
 
-/* floats of matmul's zero-padded panel for a last, partial block of columns: KC terms x 2W */
-#define PANEL (KC * 2 * W)
-
 /* the widest vector of the products: their blocks are twice as wide */
 #if X86_64_V3_CLONES
 #define WIDE_COLUMNS WIDE
@@ -78,15 +75,6 @@ static inline __attribute__((always_inline)) void start_gradient(int64_t B, int6
     for (int64_t b = 0; b < B; b++)
         for (int64_t j = 0; j < H; j++) sums[j] += rows[b * H + j];
     for (int64_t j = 0; j < H; j++) dh0[j] = (float)sums[j];
-}
-
-/* db[j] = sum over the R rows of d[r * ld + j] (float64), for a bias broadcast over the rows */
-static inline __attribute__((always_inline)) void column_sums(int64_t R, int64_t N, const float *restrict d, int64_t ld,
-                                                              double *restrict sums, float *restrict db) {
-    memset(sums, 0, N * sizeof(double));
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t j = 0; j < N; j++) sums[j] += d[r * ld + j];
-    for (int64_t j = 0; j < N; j++) db[j] = (float)sums[j];
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -173,7 +161,7 @@ static inline __attribute__((always_inline)) void rnn_steps_backward(
        dW = xh.T @ dpre and db = dpre.sum(0) over all B*T positions; here the h_{t-1} rows of dW */
     previous_states(B, T, H, h0_rows, h0, out, h_prev);
     matmul_into(H, H, B * T, h_prev, 1, H, dpre, H, dw + E * H, H, panel, 0);
-    column_sums(B * T, H, dpre, H, sums, db);
+    bias_gradient(B * T, H, dpre, H, sums, db);
 }
 
 int64_t rnn_backward_work_floats(int64_t B, int64_t T, int64_t E, int64_t H) {
@@ -354,9 +342,9 @@ static inline __attribute__((always_inline)) void gru_steps_backward(
     matmul_into(H, H, B * T, h_prev, 1, H, dgates, H3, dw_r + E * H, H, panel, 0);
     matmul_into(H, H, B * T, h_prev, 1, H, dgates + H, H3, dw_z + E * H, H, panel, 0);
     matmul_into(H, H, B * T, reset, 1, H, dgates + 2 * H, H3, dw_hbar + E * H, H, panel, 0);
-    column_sums(B * T, H, dgates, H3, sums, db_r);
-    column_sums(B * T, H, dgates + H, H3, sums, db_z);
-    column_sums(B * T, H, dgates + 2 * H, H3, sums, db_hbar);
+    bias_gradient(B * T, H, dgates, H3, sums, db_r);
+    bias_gradient(B * T, H, dgates + H, H3, sums, db_z);
+    bias_gradient(B * T, H, dgates + 2 * H, H3, sums, db_hbar);
 }
 
 /* [W_r[:E].T ; W_z[:E].T ; W_hbar[:E].T] (3H, E): for dx, and the embedding's gradient */
@@ -537,37 +525,6 @@ int64_t sequence_workspace_floats(const Sequence *s, int64_t B) {
     return sequence_layout(s, B).total;
 }
 
-/* loss = -sum over the predicted rows i of logprobs[i, Y[i]], logprobs = log_softmax(logits[i]); and
-   its backward in place (ops/sequence_loss.py): dlogits = (softmax - one_hot(Y)) / n where predicted,
-   0 where Y is -1 (in no term of the loss). Rows of V logits, ld floats apart. Returns the sum, in
-   float64; exps: V doubles. */
-static inline __attribute__((always_inline)) double softmax_loss(int64_t R, int64_t V, int64_t ld,
-                                                                 float *restrict logits, const int64_t *restrict Y,
-                                                                 int64_t n, double *restrict exps) {
-    double loss = 0.0;
-    for (int64_t i = 0; i < R; i++) {
-        float *row = logits + i * ld;  /* (V,) */
-        if (Y[i] == -1) {
-            memset(row, 0, V * sizeof(float));
-            continue;
-        }
-        float max = -INFINITY;
-        for (int64_t j = 0; j < V; j++) max = row[j] > max ? row[j] : max;
-        for (int64_t j = 0; j < V; j++) {  /* apart from the sum: vectorized */
-            const double y = (double)row[j] - max;  /* <= 0; exp64 holds from -700, and e^-700 is 0 to a float */
-            exps[j] = exp64(y < -700.0 ? -700.0 : y);
-        }
-        double total = 0.0;
-        for (int64_t j = 0; j < V; j++) total += exps[j];
-        loss -= (double)row[Y[i]] - max - log(total);  /* logprobs = logits - max - log(sum(exp(logits - max))) */
-        const double inverse = 1.0 / total;
-        for (int64_t j = 0; j < V; j++) row[j] = (float)(exps[j] * inverse);  /* probs = softmax(logits) */
-        row[Y[i]] -= 1.0f;
-        for (int64_t j = 0; j < V; j++) row[j] /= (float)n;
-    }
-    return loss;
-}
-
 /* table = one_hot(X).T @ rows, (V, N), for the R rows of N: the backward of a lookup, emb = table[X]
    (each table row the sum of the rows that looked it up; the table is zeroed first) */
 static inline __attribute__((always_inline)) void scatter_rows(int64_t R, int64_t N, const int64_t *restrict X,
@@ -602,7 +559,7 @@ static inline __attribute__((always_inline)) double head(int64_t R, int64_t F, i
     /* logits = in @ W_out + b_out: dW_out = in.T @ dlogits, db_out = dlogits.sum(0), d_in = dlogits @ W_out.T */
     matmul_into(F, Vp, R, in, 1, F, logits, Vp, w_out, Vp, panel, 0);  /* w_out is free: (F, Vp) dW_out */
     for (int64_t k = 0; k < F; k++) memcpy(dW_out + k * V, w_out + k * Vp, V * sizeof(float));
-    column_sums(R, V, logits, Vp, sums, db_out);
+    bias_gradient(R, V, logits, Vp, sums, db_out);
     transpose(F, V, W_out, w_outT);
     memset(w_outT + V * F, 0, (Vp - V) * F * sizeof(float));
     matmul_into(R, F, Vp, logits, Vp, 1, w_outT, F, d_in, F, panel, 0);
@@ -759,12 +716,12 @@ CLONED float sequence_step(const Sequence *s, const int64_t *restrict X, const i
         /* the MLP: dW_proj = a.T @ dz, db_proj, da = dz @ W_proj.T, du = (1 - a**2) * da,
            dW_fc = y.T @ du, db_fc, and dy = dz + du @ W_fc.T (the residual's two paths) */
         matmul_into(H, E, BT, a, 1, H, dh_out, E, grad[4], E, panel, 0);
-        column_sums(BT, E, dh_out, E, sums, grad[5]);
+        bias_gradient(BT, E, dh_out, E, sums, grad[5]);
         transpose(H, E, W_proj, w_xT);  /* (E, H) */
         matmul_into(BT, H, E, dh_out, E, 1, w_xT, H, du, H, panel, 0);
         for (int64_t i = 0; i < BT * H; i++) du[i] = __builtin_fmaf(-a[i], a[i], 1.0f) * du[i];
         matmul_into(E, H, BT, y, 1, E, du, H, grad[2], H, panel, 0);
-        column_sums(BT, H, du, H, sums, grad[3]);
+        bias_gradient(BT, H, du, H, sums, grad[3]);
         transpose(E, H, W_fc, w_xT);  /* (H, E) */
         memcpy(dy, dh_out, BT * E * sizeof(float));
         matmul_into(BT, E, H, du, H, 1, w_xT, E, dy, E, panel, 1);

@@ -94,9 +94,6 @@ static inline float tanh_float(float u) {
 /* Linear (ops/linear.py): out = x @ w + b, w (F, H) as the lectures store it, b (H,) or none.
    The products are step_kernels.h's matmul: register-blocked, each sum in the order of its terms. */
 
-/* floats of matmul's zero-padded panel for a last, partial block of columns: KC terms x 2W */
-#define PANEL (KC * 2 * W)
-
 /* x (R, F), w (F, H), b (H,) or NULL -> out (R, H) */
 CLONED void linear_forward(int64_t R, int64_t F, int64_t H, const float *restrict x, const float *restrict w,
                            const float *restrict b, float *restrict out) {
@@ -107,23 +104,23 @@ CLONED void linear_forward(int64_t R, int64_t F, int64_t H, const float *restric
             for (int64_t j = 0; j < H; j++) out[r * H + j] += b[j];  /* out = out + b */
 }
 
-/* dx (R, F), dw (F, H) and db (H,) unless it is NULL (no bias), from dout (R, H) and the forward's
-   x and w. Returns 0, or -1 when out of memory (nothing written). In the forward pass this was:
-   out = x @ w + b. */
+/* dx (R, F), dw (F, H) and db (H,) unless it is NULL (no bias; summed in float64), from dout (R, H)
+   and the forward's x and w. Returns 0, or -1 when out of memory (nothing written). In the forward
+   pass this was: out = x @ w + b. */
 CLONED int linear_backward(int64_t R, int64_t F, int64_t H, const float *restrict dout, const float *restrict x,
                            const float *restrict w, float *restrict dx, float *restrict dw, float *restrict db) {
     float *wT = malloc((size_t)(F * H) * sizeof *wT);  /* (H, F) */
-    if (!wT) return -1;
+    double *sums = malloc((size_t)(H > 0 ? H : 1) * sizeof *sums);  /* (H,) db's */
+    if (!wT || !sums) {
+        free(wT), free(sums);
+        return -1;
+    }
     float panel[PANEL];
     transpose(F, H, w, wT);
     matmul(R, F, H, dout, H, 1, wT, F, dx, F, panel);  /* dx = dout @ w.T */
     matmul(F, H, R, x, 1, F, dout, H, dw, H, panel);  /* dw = x.T @ dout: every row used the same w */
-    free(wT);
-    if (db) {  /* db = dout.sum(0): b was broadcast over the rows */
-        memset(db, 0, (size_t)H * sizeof *db);
-        for (int64_t r = 0; r < R; r++)
-            for (int64_t j = 0; j < H; j++) db[j] += dout[r * H + j];
-    }
+    if (db) bias_gradient(R, H, dout, H, sums, db);  /* db = dout.sum(0): b was broadcast over the rows */
+    free(wT), free(sums);
     return 0;
 }
 
@@ -573,9 +570,10 @@ CLONED int attention_backward(int64_t B, int64_t T, const int64_t *restrict leng
    the mean of -log softmax(logits[i])[targets[i]] over the n predicted rows (targets[i] != -1) */
 
 /* logits (R, V), targets (R,) -> *loss, and dlogits (R, V) in the same pass (the loss ends the
-   graph: dloss = 1): (softmax(logits) - one_hot(targets)) / n where predicted, 0 where ignored (in
-   no term of the loss). The sum over the rows runs in float64. Returns n; 0 (nothing written)
-   when no row is predicted, -1 when a target is outside [-1, V). */
+   graph: dloss = 1): step_kernels.h's softmax_loss, (softmax(logits) - one_hot(targets)) / n where
+   predicted, 0 where ignored (in no term of the loss), the exps and the sum over the rows in
+   float64. Returns n; 0 (nothing written) when no row is predicted, -1 when a target is outside
+   [-1, V), -2 when out of memory. */
 CLONED int64_t cross_entropy_forward(int64_t R, int64_t V, const float *restrict logits,
                                      const int64_t *restrict targets, double *restrict loss, float *restrict dlogits) {
     int64_t n = 0;
@@ -584,29 +582,11 @@ CLONED int64_t cross_entropy_forward(int64_t R, int64_t V, const float *restrict
         n += targets[i] != -1;
     }
     if (n == 0) return 0;
-    double total = 0.0;
-    for (int64_t i = 0; i < R; i++) {
-        const float *row = logits + i * V;
-        float *drow = dlogits + i * V;
-        const int64_t y = targets[i];
-        if (y == -1) {
-            memset(drow, 0, (size_t)V * sizeof *drow);
-            continue;
-        }
-        float max = row[0];
-        for (int64_t j = 1; j < V; j++) max = row[j] > max ? row[j] : max;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < V; j++) {
-            drow[j] = exp_nonpositive(row[j] - max);  /* exp(logits - max) */
-            sum += drow[j];
-        }
-        total += log((double)sum) - ((double)row[y] - max);  /* -logprobs[y], logprobs = logits - max - log(sum) */
-        const float inverse = 1.0f / sum;
-        for (int64_t j = 0; j < V; j++) drow[j] *= inverse;  /* probs = softmax(logits) */
-        drow[y] -= 1.0f;  /* probs - one_hot(Y) */
-        for (int64_t j = 0; j < V; j++) drow[j] /= (float)n;  /* the mean over the n predicted rows */
-    }
-    *loss = total / (double)n;
+    double *exps = malloc((size_t)V * sizeof *exps);  /* (V,) one row's */
+    if (!exps) return -2;
+    memcpy(dlogits, logits, (size_t)(R * V) * sizeof *dlogits);  /* softmax_loss works in place */
+    *loss = softmax_loss(R, V, V, dlogits, targets, n, exps) / (double)n;
+    free(exps);
     return n;
 }
 

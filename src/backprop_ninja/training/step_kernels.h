@@ -1,7 +1,9 @@
 /*
  * The parts the C steps share (mlp_step.c, the lecture MLP; stack_step.c, a stack of layers;
- * ops/sequence_kernels.c, the models of whole words): CPU-specific copies of the hot functions
- * (ops/cpu_clones.h's CLONED), a register-blocked matrix product, and tanh and exp in float64.
+ * ops/sequence_kernels.c, the models of whole words; ops/transformer_kernels.c, the transformer's
+ * ops): CPU-specific copies of the hot functions (ops/cpu_clones.h's CLONED), a register-blocked
+ * matrix product, tanh and exp in float64, a bias's gradient, and the sequence cross-entropy with
+ * its backward.
  * Every function is static inline: each library gets its own copy.
  *
  * Every matrix is row-major float32, as torch stores a contiguous tensor.
@@ -158,6 +160,9 @@ static inline __attribute__((always_inline)) void matmul(int64_t M, int64_t N, i
     matmul_into(M, N, Kd, A, a_row, a_col, Bm, ldb, out, ldo, panel, 0);
 }
 
+/* floats of matmul's zero-padded panel for a last, partial block of columns: KC terms x 2W */
+#define PANEL (KC * 2 * W)
+
 typedef int32_t ivec __attribute__((vector_size(W * sizeof(int32_t))));
 
 /* out[c, r] = in[r, c] for the 8 x 8 tile at `in` (row stride ldi), into `out` (row stride ldo):
@@ -253,6 +258,50 @@ static inline void exp_shifted(int64_t n, const float *restrict x, float shift, 
         double y = (double)x[i] - shift;
         out[i] = (float)exp64(y < -700.0 ? -700.0 : y);
     }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* a bias's gradient and the loss, as the models' heads need them */
+
+/* db[j] = sum over the R rows of d[r * ld + j] (float64), for a bias broadcast over the rows */
+static inline __attribute__((always_inline)) void bias_gradient(int64_t R, int64_t N, const float *restrict d,
+                                                                int64_t ld, double *restrict sums,
+                                                                float *restrict db) {
+    memset(sums, 0, N * sizeof(double));
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t j = 0; j < N; j++) sums[j] += d[r * ld + j];
+    for (int64_t j = 0; j < N; j++) db[j] = (float)sums[j];
+}
+
+/* loss = -sum over the predicted rows i of logprobs[i, Y[i]], logprobs = log_softmax(logits[i]); and
+   its backward in place (ops/sequence_loss.py): dlogits = (softmax - one_hot(Y)) / n where predicted,
+   0 where Y is -1 (in no term of the loss). Rows of V logits, ld floats apart. Returns the sum, in
+   float64; exps: V doubles. */
+static inline __attribute__((always_inline)) double softmax_loss(int64_t R, int64_t V, int64_t ld,
+                                                                 float *restrict logits, const int64_t *restrict Y,
+                                                                 int64_t n, double *restrict exps) {
+    double loss = 0.0;
+    for (int64_t i = 0; i < R; i++) {
+        float *row = logits + i * ld;  /* (V,) */
+        if (Y[i] == -1) {
+            memset(row, 0, V * sizeof(float));
+            continue;
+        }
+        float max = -INFINITY;
+        for (int64_t j = 0; j < V; j++) max = row[j] > max ? row[j] : max;
+        for (int64_t j = 0; j < V; j++) {  /* apart from the sum: vectorized */
+            const double y = (double)row[j] - max;  /* <= 0; exp64 holds from -700, and e^-700 is 0 to a float */
+            exps[j] = exp64(y < -700.0 ? -700.0 : y);
+        }
+        double total = 0.0;
+        for (int64_t j = 0; j < V; j++) total += exps[j];
+        loss -= (double)row[Y[i]] - max - log(total);  /* logprobs = logits - max - log(sum(exp(logits - max))) */
+        const double inverse = 1.0 / total;
+        for (int64_t j = 0; j < V; j++) row[j] = (float)(exps[j] * inverse);  /* probs = softmax(logits) */
+        row[Y[i]] -= 1.0f;
+        for (int64_t j = 0; j < V; j++) row[j] /= (float)n;
+    }
+    return loss;
 }
 
 
