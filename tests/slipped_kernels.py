@@ -55,7 +55,8 @@ def slipped_library(directory: Path, slip: str) -> ctypes.CDLL:
         pytest.skip("no gcc to build a slipped copy of the kernels")
     right, wrong = SLIPS[slip]
     texts = {name: (PACKAGE / name).read_text(encoding="utf-8") for name in SOURCES}
-    assert sum(text.count(right) for text in texts.values()) == 1, f"the slip {slip!r} no longer matches its source"
+    matches = sum(text.count(right) for text in texts.values())
+    assert matches == 1, f"the slip {slip!r} no longer matches its source"
     for name, text in texts.items():
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_text(text.replace(right, wrong), encoding="utf-8")
